@@ -1,0 +1,46 @@
+"""The `covid-cxr` console script. Every pipeline stage is one sub-command.
+
+dvc.yaml, the Prefect flow and people all call these same entry points.
+Each stage module exposes `register(app, data_app)`; heavy imports (torch,
+fastai, bentoml, great_expectations) stay inside the command bodies so that
+`covid-cxr --help` is instant.
+"""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="covid-cxr",
+    help="Chest X-ray triage: data checks, training, evaluation, gating and serving.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(help="Bring data in and check it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+STAGE_MODULES = (
+    "dataimport",
+    "imagecheck",
+    "prepare",
+    "validate",
+    "train",
+    "evaluate",
+    "gate",
+    "package",
+    "serving",
+)
+
+for _name in STAGE_MODULES:
+    try:
+        _mod = importlib.import_module(f"covid_cxr.{_name}")
+    except ModuleNotFoundError as e:  # only while a stage is being written
+        if e.name != f"covid_cxr.{_name}":
+            raise
+        continue
+    _mod.register(app, data_app)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,61 @@
+"""Project-wide constants, paths and params.yaml access."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Fixed class order: model outputs, metrics, JSON keys and reports all use it.
+CLASSES: tuple[str, ...] = ("COVID", "Normal", "Viral Pneumonia")
+KAGGLE_ROOT = "COVID-19_Radiography_Dataset"
+
+
+def project_root() -> Path:
+    """The repo root: $COVID_CXR_ROOT, else the nearest parent holding params.yaml, else cwd."""
+    env = os.environ.get("COVID_CXR_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "params.yaml").exists():
+            return p
+    return here
+
+
+class Paths:
+    """Every artifact location, relative to a project root (tests point it at a tmp dir)."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else project_root()
+        self.data = self.root / "data"
+        self.dataset = self.data / KAGGLE_ROOT
+        self.artifacts = self.root / "artifacts"
+        self.manifest = self.artifacts / "data" / "manifest.csv"
+        self.validation = self.artifacts / "validation"
+        self.model_dir = self.artifacts / "model"
+        self.eval_dir = self.artifacts / "eval"
+        self.gate = self.artifacts / "gate.json"
+        self.model_card = self.artifacts / "model_card.md"
+        self.production = self.artifacts / "production.json"
+        self.cache = self.root / ".cache" / "covid_cxr"
+
+
+def load_params(path: Path | str | None = None) -> dict[str, Any]:
+    path = Path(path) if path else project_root() / "params.yaml"
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def train_config(params: dict[str, Any]) -> dict[str, Any]:
+    """The active training profile merged with the shared train keys."""
+    t = params["train"]
+    prof = t.get("profile", "cpu")
+    if prof not in t["profiles"]:
+        raise ValueError(f"train.profile={prof!r} is not one of {sorted(t['profiles'])}")
+    cfg = dict(t["profiles"][prof])
+    cfg["profile"] = prof
+    cfg["seed"] = t.get("seed", 42)
+    cfg["augment"] = dict(t.get("augment", {}))
+    return cfg
