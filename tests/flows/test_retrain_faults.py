@@ -1,0 +1,192 @@
+"""Fault behaviour of the retraining flow, with REAL dvc and a REAL (temporary) Prefect server.
+
+Only the pipeline stages are fakes (tests/flows/fake_stages.py: milliseconds instead of a
+training run; metrics set in params.yaml) and `covid-cxr package/promote` (no Bento build).
+The real chain runs in test_retrain_e2e.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import (
+    GOOD_METRICS,
+    STRICT_GATE,
+    MAIN,
+    flaky_dvc,
+    make_batch,
+    summary_artifacts,
+    task_runs,
+    tree_files,
+    wait_for,
+)
+
+
+def run_flow(**kw):
+    import retrain
+
+    return retrain.retrain(backoff_s=0.2, return_state=True, **kw)
+
+
+def flow_run_id(state) -> str:
+    return str(state.state_details.flow_run_id)
+
+
+def test_transient_pull_failure_is_retried(prefect_api, fake_project):
+    attempts = flaky_dvc(fake_project, fails=2)
+
+    state = run_flow(root=str(fake_project.root))
+
+    assert state.is_completed(), state.message
+    assert attempts.read_text().strip() == "3"  # two failures, then the real pull
+    sync = [t for t in task_runs(prefect_api, flow_run_id(state)) if t["name"].startswith("sync")]
+    assert len(sync) == 1 and sync[0]["run_count"] == 3 and sync[0]["state_type"] == "COMPLETED"
+    assert sync[0]["empirical_policy"]["retries"] == 3
+
+
+def test_persistent_pull_failure_fails_the_flow_with_reason(prefect_api, fake_project):
+    champion = fake_project.seed_champion(GOOD_METRICS)
+    attempts = flaky_dvc(fake_project, fails=99)
+
+    state = run_flow(root=str(fake_project.root))
+
+    assert state.is_failed()
+    assert attempts.read_text().strip() == "4"  # 1 try + 3 declared retries
+    assert "step 'sync'" in state.message and "connection reset" in state.message
+    assert fake_project.production.read_bytes() == champion
+    (art,) = summary_artifacts(prefect_api, flow_run_id(state))
+    assert "FAILED" in art["data"] and "sync" in art["data"]
+
+
+def test_bad_files_in_a_batch_lose_none_of_the_good_ones(prefect_api, fake_project, tmp_path):
+    batch, good, bad = make_batch(tmp_path, good_per_class=2)
+    before_src = tree_files(batch)
+    before = fake_project.images()
+
+    state = run_flow(root=str(fake_project.root), incoming=[str(batch)])
+
+    assert state.is_completed(), state.message
+    after = fake_project.images()
+    for cls, names in good.items():  # every good file landed in data/, nothing else did
+        assert after[cls] == before[cls] | names
+    q = fake_project.root / "artifacts" / "quarantine" / batch.name
+    for rel in bad:  # every bad file is quarantined, byte for byte, with its reason
+        assert (q / rel).read_bytes() == (batch / rel).read_bytes()
+    reasons = json.loads((q / "reasons.json").read_text())
+    assert {r["quarantined_as"].split(batch.name + "/", 1)[1] for r in reasons} == bad
+    assert all(r["reason"] for r in reasons)
+    assert tree_files(batch) == before_src  # the source batch is untouched
+
+    # the new data version is in data.dvc and pushed: the remote has everything the workspace has
+    assert "new" not in fake_project.dvc("status", "-c", "data.dvc").lower()
+    manifest = (fake_project.root / "artifacts" / "data" / "manifest.csv").read_text()
+    assert all(n in manifest for names in good.values() for n in names)  # the rebuild saw them
+
+    (art,) = summary_artifacts(prefect_api, flow_run_id(state))
+    md = art["data"]
+    assert "| batch-test | 9 | 6 |" in md  # 9 checked, 6 added
+    assert "Gate: PASSED" in md and "promoted covid_cxr:" in md
+
+
+def test_rerun_of_same_batch_is_idempotent(prefect_api, fake_project, tmp_path):
+    batch, good, _ = make_batch(tmp_path, good_per_class=1)
+    assert run_flow(root=str(fake_project.root), incoming=[str(batch)]).is_completed()
+    images = fake_project.images()
+    prod = fake_project.production.read_bytes()
+
+    state = run_flow(root=str(fake_project.root), incoming=[str(batch)])
+
+    assert state.is_completed(), state.message
+    assert fake_project.images() == images
+    assert fake_project.production.read_bytes() == prod  # same model: nothing new promoted
+    md = summary_artifacts(prefect_api, flow_run_id(state))[0]["data"]
+    assert "| batch-test | 6 | 0 | 3 |" in md and "identical test metrics" in md
+
+
+def test_failed_gate_keeps_the_champion(prefect_api, fake_project, tmp_path):
+    champion = fake_project.seed_champion({**GOOD_METRICS, "accuracy": 0.99, "macro_f1": 0.99})
+    fake_project.set_params({"gate": STRICT_GATE})
+    batch, _, _ = make_batch(tmp_path, good_per_class=1, bad=False)
+
+    state = run_flow(root=str(fake_project.root), incoming=[str(batch)])
+
+    assert state.is_failed()
+    assert "step 'gate'" in state.message and "gate failed" in state.message
+    assert "accuracy 0.9500 >= 0.999: FAIL" in state.message
+    assert fake_project.production.read_bytes() == champion
+    gate = json.loads((fake_project.root / "artifacts" / "gate.json").read_text())
+    assert gate["passed"] is False
+    assert not (fake_project.root / "artifacts" / "bento.json").exists()  # nothing was packaged
+    names = {t["name"].split("-")[0] for t in task_runs(prefect_api, flow_run_id(state))}
+    assert "package" not in names and "promote" not in names
+    md = summary_artifacts(prefect_api, flow_run_id(state))[0]["data"]
+    assert "Gate: FAILED" in md and "| accuracy | 0.9500 | 0.9900 |" in md and "production.json unchanged" in md
+
+
+def test_gate_pass_but_not_better_keeps_the_champion(prefect_api, fake_project):
+    better = {**GOOD_METRICS, "macro_f1": GOOD_METRICS["macro_f1"] + 0.002}  # within tolerance, still better
+    champion = fake_project.seed_champion(better)
+
+    state = run_flow(root=str(fake_project.root))
+
+    assert state.is_completed(), state.message
+    assert fake_project.production.read_bytes() == champion
+    assert json.loads((fake_project.root / "artifacts" / "bento.json").read_text())["bento"]  # packaged
+    md = summary_artifacts(prefect_api, flow_run_id(state))[0]["data"]
+    assert "Gate: PASSED" in md and "kept the champion (candidate is not better)" in md
+
+
+def test_flow_killed_during_training_completes_when_rerun(prefect_api, fake_project, tmp_path):
+    batch, good, _ = make_batch(tmp_path, good_per_class=1, bad=False)
+    hold = fake_project.root / "HOLD_TRAIN"
+    hold.touch()
+    started = fake_project.root / ".train_started"
+    env = {**fake_project.env, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    cmd = [sys.executable, str(MAIN / "flows" / "retrain.py"), "--root", str(fake_project.root),
+           "--incoming", str(batch), "--backoff-s", "0.2"]
+    log = open(tmp_path / "killed_run.log", "w")
+    proc = subprocess.Popen(cmd, cwd=fake_project.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: started.exists() or proc.poll() is not None, 120, "training to start")
+        assert proc.poll() is None, (tmp_path / "killed_run.log").read_text()[-3000:]
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run dies: flow, dvc repro, the training
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    assert (fake_project.root / "artifacts" / "model" / "model.safetensors").read_bytes() == b"partial"
+    assert not fake_project.production.exists()
+    hold.unlink()
+
+    state = run_flow(root=str(fake_project.root), incoming=[str(batch)])
+
+    assert state.is_completed(), state.message
+    assert fake_project.production.exists()
+    assert (fake_project.root / "artifacts" / "model" / "model.safetensors").read_bytes() != b"partial"
+    assert "up to date" in fake_project.dvc("status", "gate").lower()  # dvc.lock records the finished chain
+    for cls, names in good.items():
+        assert names <= fake_project.images()[cls]
+
+
+def test_commit_true_commits_only_data_dvc(prefect_api, fake_project, tmp_path):
+    batch, _, _ = make_batch(tmp_path, good_per_class=1, bad=False)
+    (fake_project.root / "untracked-note.txt").write_text("not mine to commit")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=fake_project.root, capture_output=True, text=True).stdout
+
+    state = run_flow(root=str(fake_project.root), incoming=[str(batch)], commit=True)
+
+    assert state.is_completed(), state.message
+    git = lambda *a: subprocess.run(["git", *a], cwd=fake_project.root, capture_output=True, text=True).stdout
+    assert git("rev-parse", "HEAD^") == head
+    assert git("show", "--name-only", "--format=", "HEAD").split() == ["data.dvc"]
+    assert "batch-test" in git("log", "-1", "--format=%s")
+    assert "untracked-note.txt" in git("status", "--porcelain")
