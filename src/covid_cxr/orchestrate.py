@@ -157,6 +157,17 @@ def remote_name(root: Path, remote: str | None, log: Log | None = None) -> str |
     return FLOW_REMOTE
 
 
+def normalize_remote(remote: str | None) -> str | None:
+    """A remote given on a command line: a local path becomes absolute (served runs start in
+    another folder); a remote name (`team`) or a URL is kept as is."""
+    if not remote or "://" in remote:
+        return remote or None
+    p = Path(remote).expanduser()
+    if os.sep in remote or remote.startswith(".") or p.exists():
+        return str(p.resolve())
+    return remote
+
+
 def dvc_pull(root: Path, remote: str | None = None, log: Log | None = None) -> None:
     """Bring the workspace's data version (data.dvc) from the remote (or the local cache)."""
     name = remote_name(root, remote, log)
@@ -233,12 +244,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------
 # ingest
 # ---------------------------------------------------------------------------------------------
-def _reason_code(reason: Any) -> str:
-    """Group rejection reasons by their machine code ("not_an_image: ..." -> "not_an_image")."""
-    text = str(reason or "rejected").strip()
-    return text.split(":", 1)[0].strip() or "rejected"
-
-
 def _batch_rel(batch: Path, p: str | Path) -> Path:
     p = Path(p)
     if p.is_absolute():
@@ -249,61 +254,77 @@ def _batch_rel(batch: Path, p: str | Path) -> Path:
     return p
 
 
-def ingest_batch(batch_dir: str | Path, root: Path | str, log: Log | None = None) -> dict[str, Any]:
-    """Check one incoming batch, merge the accepted files into data/, quarantine the rest.
+def _data_class(paths: Paths, p: str | Path) -> str | None:
+    """The class folder a data/ file lives in (data/<KAGGLE_ROOT>/<Class>/images/x.png)."""
+    try:
+        return Path(p).resolve().relative_to(paths.dataset.resolve()).parts[0]
+    except (ValueError, IndexError):
+        return None
 
-    Rejected files (and accepted ones that clash with a different file already in data/) are
-    *copied* to artifacts/quarantine/<batch>/<same relative path>, beside `report.*` (every file
-    with its verdict) and `reasons.json` (the quarantined ones). The batch folder is only read.
+
+def ingest_batch(batch_dir: str | Path, root: Path | str, log: Log | None = None) -> dict[str, Any]:
+    """Check one incoming batch, merge the accepted files into data/, quarantine the rejected.
+
+    A file already in data/ byte for byte, under the same class, is "already present" (a re-run
+    of a batch), not a rejection. Every other rejected file is *copied* to
+    artifacts/quarantine/<batch>/<same relative path>, beside `report.json` (every file with its
+    verdict, from imagecheck) and `reasons.json` (the quarantined ones). The batch is only read.
     """
     from . import dataimport, imagecheck
+    from .config import load_params
 
     log = log or (lambda _m: None)
     paths = Paths(root)
     batch = Path(batch_dir).expanduser().resolve()
     if not batch.is_dir():
         raise StepError(f"incoming batch {batch} is not a directory")
-    results = imagecheck.check_batch(batch, paths.data)
-    accepted = [r for r in results if r["accepted"]]
-    rejected = [dict(r) for r in results if not r["accepted"]]
-    log(f"{batch.name}: {len(results)} files checked, {len(accepted)} accepted, {len(rejected)} rejected")
+    limits = imagecheck.Limits.from_params(load_params(paths.root / "params.yaml"))
+    results = imagecheck.check_batch(batch, paths.data, limits=limits)
 
-    stats = dataimport.import_tree(batch, paths.data, only={r["path"] for r in accepted}) if accepted else {
-        "added": [],
-        "skipped_identical": [],
-        "conflicts": [],
-    }
-    conflicts = list(stats.get("conflicts") or [])
-    for c in conflicts:
-        cpath = c.get("path", c.get("src")) if isinstance(c, dict) else c
-        label = next((r["label"] for r in accepted if _batch_rel(batch, r["path"]) == _batch_rel(batch, cpath)), None)
-        rejected.append({"path": str(cpath), "label": label, "accepted": False,
-                         "reason": "conflict: a different file with this name is already in data/"})
+    accepted, present, rejected = [], [], []
+    for r in results:
+        if r["accepted"]:
+            accepted.append(r)
+        elif r["reason"] == "duplicate" and r.get("label") and _data_class(paths, r.get("duplicate_of", "")) == r["label"]:
+            present.append(r)
+        else:
+            rejected.append(dict(r))
+    log(f"{batch.name}: {len(results)} files checked: {len(accepted)} new, {len(present)} already in data/, "
+        f"{len(rejected)} rejected")
+
+    stats: dict[str, Any] = {"added": [], "skipped_identical": [], "conflicts": []}
+    if accepted:
+        stats = dataimport.import_tree(batch, paths.data, only={Path(r["path"]) for r in accepted})
+    added = len(stats.get("added") or [])
+    if added != len(accepted) - len(stats.get("skipped_identical") or []):
+        raise StepError(f"{batch.name}: {len(accepted)} files accepted but {added} imported: {stats}")
+    for c in stats.get("conflicts") or []:
+        log(f"{batch.name}: name clash with {c.get('existing')}: kept as {c.get('kept_as')}")
 
     qdir = paths.artifacts / QUARANTINE / batch.name
     if rejected:
         qdir.mkdir(parents=True, exist_ok=True)
         for r in rejected:
             rel = _batch_rel(batch, r["path"])
-            src = batch / rel
             dst = qdir / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_file():
-                shutil.copy2(src, dst)
+            shutil.copy2(batch / rel, dst)
             r["quarantined_as"] = dst.relative_to(paths.root).as_posix()
         imagecheck.write_report(results, qdir / "report.json")
-        (qdir / "reasons.json").write_text(json.dumps(rejected, indent=2, default=str) + "\n")
+        (qdir / "reasons.json").write_text(json.dumps(
+            [{k: r.get(k) for k in ("path", "label", "reason", "message", "duplicate_of", "quarantined_as")}
+             for r in rejected], indent=2, default=str) + "\n")
         log(f"{batch.name}: quarantined {len(rejected)} files under {qdir}")
 
-    by_reason = collections.Counter(_reason_code(r["reason"]) for r in rejected)
+    by_reason = collections.Counter(str(r["reason"]) for r in rejected)
     return {
         "batch": batch.name,
         "source": str(batch),
         "checked": len(results),
         "accepted": len(accepted),
-        "added": len(stats.get("added") or []),
-        "skipped_identical": len(stats.get("skipped_identical") or []),
-        "conflicts": len(conflicts),
+        "added": added,
+        "skipped_identical": len(present) + len(stats.get("skipped_identical") or []),
+        "renamed_on_clash": len(stats.get("conflicts") or []),
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "quarantine": qdir.relative_to(paths.root).as_posix() if rejected else None,
@@ -403,9 +424,17 @@ def summary_markdown(s: dict[str, Any]) -> str:
                 f"| {('`' + b['quarantine'] + '`') if b.get('quarantine') else '–'} |"
             )
         out.append("")
+        renamed = sum(b.get("renamed_on_clash", 0) for b in batches)
+        if renamed:
+            out += [f"{renamed} added file(s) clashed with a different file of the same name and were kept "
+                    "under a new name.", ""]
         if reasons:
-            out += ["Rejected, by reason:", "", "| reason | files |", "|---|---:|"]
-            out += [f"| {k} | {v} |" for k, v in sorted(reasons.items())]
+            try:
+                from .imagecheck import REASONS
+            except Exception:  # pragma: no cover - the summary must not fail on an import
+                REASONS = {}
+            out += ["Rejected (quarantined), by reason:", "", "| reason | meaning | files |", "|---|---|---:|"]
+            out += [f"| {k} | {REASONS.get(k, '')} | {v} |" for k, v in sorted(reasons.items())]
             out.append("")
 
     gate = s.get("gate")

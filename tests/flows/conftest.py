@@ -162,7 +162,7 @@ def make_project(base: Path, *, kind: str = "fake", per_class: int = 4, params: 
     deep_update(prm, params or {})
     (root / "params.yaml").write_text(yaml.safe_dump(prm, sort_keys=False))
     (root / ".gitignore").write_text("/artifacts/production.json\n/artifacts/quarantine/\n/.bentos/\n"
-                                     "/HOLD_TRAIN\n/.train_started\n/artifacts/bento.json\n")
+                                     "/HOLD_TRAIN\n/.train_started\n/artifacts/bento.json\n/.cache/\n")
 
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(bindir), str(VENV_BIN), env.get("PATH", "")])

@@ -1,0 +1,214 @@
+"""Scheduled retraining against a REAL `prefect server start --host 127.0.0.1` (temp PREFECT_HOME).
+
+flows/deploy.py serves the deployment with its cron schedule; the test checks the server stored
+the schedule and created the upcoming Monday 03:00 runs, then triggers a run with
+`run_deployment` on a small temp project running the real chain (`covid-cxr` stages, smoke
+profile, 20 real images per class + a batch with broken files), and checks it Completed with
+its summary artifact. A second run with strict gate thresholds must fail and keep the champion.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import (
+    MAIN,
+    STRICT_GATE,
+    api,
+    free_port,
+    make_batch,
+    make_project,
+    summary_artifacts,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+DEPLOYMENT = "e2e-retrain"
+# What a 60-image project needs to get through `validate` (the real thresholds assume thousands).
+SMALL_PARAMS = {
+    "validate": {
+        "min_per_class": 5,
+        "class_fraction": {"COVID": [0.0, 1.0], "Normal": [0.0, 1.0], "Viral Pneumonia": [0.0, 1.0]},
+        "split_tolerance": 0.2,
+    },
+}
+
+
+def _stop(proc: subprocess.Popen, sig: int, grace: float) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start --host 127.0.0.1 --port <free>` with its own PREFECT_HOME; its env."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        def healthy():
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            try:
+                return api(url, "GET", "/health") is True
+            except Exception:
+                return False
+
+        wait_for(healthy, 150, "the Prefect server to answer /api/health", interval=1)
+        yield {**env, "PREFECT_API_URL": url}
+    finally:
+        _stop(proc, signal.SIGTERM, 20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def real_project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("sched"), kind="real", per_class=20, params=SMALL_PARAMS)
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, real_project):
+    """`python flows/deploy.py` (flow.serve) running against the server, for the project."""
+    env = {**real_project.env, **{k: v for k, v in prefect_server.items() if k.startswith("PREFECT_")}}
+    log_path = real_project.root.parent / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(MAIN / "flows" / "deploy.py"), "--name", DEPLOYMENT,
+         "--root", str(real_project.root), "--backoff-s", "0.5"],
+        cwd=MAIN, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = prefect_server["PREFECT_API_URL"]
+
+    def registered():
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            return api(url, "GET", f"/deployments/name/retrain/{DEPLOYMENT}")
+        except Exception:
+            return None
+
+    try:
+        dep = wait_for(registered, 120, "flows/deploy.py to register the deployment", interval=1)
+        yield {"url": url, "deployment": dep, "log": log_path, "env": env}
+    finally:
+        _stop(proc, signal.SIGINT, 30)  # Ctrl-C: the runner pauses the schedule and exits
+        log.close()
+
+
+def _run(url: str, parameters: dict, timeout: float = 600) -> dict:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        fr = run_deployment(f"retrain/{DEPLOYMENT}", parameters=parameters, timeout=0, as_subflow=False)
+
+    def finished():
+        run = api(url, "GET", f"/flow_runs/{fr.id}")
+        return run if run["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
+
+    return wait_for(finished, timeout, f"flow run {fr.id} to finish", interval=2)
+
+
+def test_deployment_is_stored_with_its_cron_schedule(served):
+    cron = yaml.safe_load((MAIN / "params.yaml").read_text())["schedule"]["cron"]
+    (sched,) = served["deployment"]["schedules"]
+    assert sched["schedule"]["cron"] == cron and sched["active"] is True
+    assert served["deployment"]["parameters"]["root"]
+
+    # the server's scheduler turns it into upcoming runs at the cron times
+    dep_id = served["deployment"]["id"]
+    body = {"deployments": {"id": {"any_": [dep_id]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}
+    runs = wait_for(lambda: api(served["url"], "POST", "/flow_runs/filter", body), 90, "scheduled runs", interval=2)
+    now = dt.datetime.now(dt.timezone.utc)
+    starts = sorted(dt.datetime.fromisoformat(r["expected_start_time"].replace("Z", "+00:00")) for r in runs)
+    assert all(cron_matches(cron, s) for s in starts), starts
+    # the first one is the next matching minute after now (checked minute by minute, at most 31 days)
+    t = now.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+    while not cron_matches(cron, t) and t < now + dt.timedelta(days=31):
+        t += dt.timedelta(minutes=1)
+    assert starts[0] == t
+
+
+def _field(spec: str, value: int, lo: int) -> bool:
+    for part in spec.split(","):
+        rng, _, step = part.partition("/")
+        if rng == "*":
+            a, b = lo, 10**6
+        elif "-" in rng:
+            a, b = map(int, rng.split("-"))
+        else:
+            a = b = int(rng)
+        if a <= value <= b and (value - a) % int(step or 1) == 0:
+            return True
+    return False
+
+
+def cron_matches(cron: str, t: dt.datetime) -> bool:
+    """A plain 5-field cron matcher (numbers, *, a-b, lists, /step; UTC), independent of Prefect's."""
+    minute, hour, dom, month, dow = cron.split()
+    day_ok = [_field(dom, t.day, 1), _field(dow.replace("7", "0"), (t.weekday() + 1) % 7, 0)]
+    days = all(day_ok) if "*" in (dom, dow) else any(day_ok)
+    return _field(minute, t.minute, 0) and _field(hour, t.hour, 0) and _field(month, t.month, 1) and days
+
+
+def test_triggered_run_completes_with_summary_then_strict_gate_keeps_champion(served, real_project, tmp_path):
+    batch, good, bad = make_batch(tmp_path, good_per_class=3)
+    before = real_project.images()
+
+    run = _run(served["url"], {"incoming": [str(batch)]})
+
+    assert run["state_type"] == "COMPLETED", (run["state"]["message"], served["log"].read_text()[-4000:])
+    after = real_project.images()
+    for cls, names in good.items():
+        assert after[cls] == before[cls] | names
+    for rel in bad:
+        assert (real_project.root / "artifacts" / "quarantine" / batch.name / rel).exists()
+    gate = json.loads((real_project.root / "artifacts" / "gate.json").read_text())
+    assert gate["passed"] is True
+    prod = json.loads(real_project.production.read_text())
+    (art,) = summary_artifacts(served["url"], run["id"])
+    md = art["data"]
+    assert "Gate: PASSED" in md and f"promoted {prod['bento']}" in md
+    assert f"| {batch.name} | {sum(map(len, good.values())) + len(bad)} | {sum(map(len, good.values()))} |" in md
+    assert "up to date" in real_project.dvc("status").lower()
+
+    # same model, strict thresholds: only the gate stage re-runs, and it fails
+    champion = real_project.production.read_bytes()
+    real_project.set_params({"gate": STRICT_GATE})
+
+    run2 = _run(served["url"], {})
+
+    assert run2["state_type"] == "FAILED"
+    assert "gate failed" in run2["state"]["message"]
+    assert real_project.production.read_bytes() == champion
+    md2 = summary_artifacts(served["url"], run2["id"])[0]["data"]
+    assert "Gate: FAILED" in md2 and "production.json unchanged" in md2
