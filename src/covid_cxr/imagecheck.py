@@ -1,0 +1,600 @@
+"""Image checks: the one implementation behind `covid-cxr data check` and the `prepare` stage.
+
+Pixels are decoded only through `preprocess.open_image` / `to_gray`.
+
+Per file we compute *stats* (`bytes`, `sha256`, `width`, `height`, `mode`, `dhash`, plus two
+numbers for the "is this an X-ray at all" rule) and then *judge* them against the limits in
+params.yaml. Every rejection has its own reason code (see `REASONS`).
+
+The near-duplicate hash (`dhash`, a 64-bit int)
+------------------------------------------------
+The classic 9x8 dHash is useless on chest X-rays: every frontal film has the same layout, so
+on this dataset it chains 3,627 of the 6,119 images into one near-duplicate cluster at <= 4 bits and
+flags 233 of the 383 genuinely new batch-001 scans (9 of them at distance 0). So `dhash` here is a
+64-bit *difference hash of the detail*: the greyscale image is shrunk to 40x40 (Lanczos), the
+anatomy is removed by subtracting a Gaussian blur of itself (sigma 2.5 px: a band-pass that keeps
+ribs, vessels, lines, text), and each bit is the sign of a fixed random projection of that
+residual (SimHash: Hamming distance tracks the angle between two residuals). Measured on this
+data: re-saving a scan at 224/299/512 px or as JPEG q70-85 moves it by <= 4 bits (p95 2-3); the
+nearest batch-001 image to anything in data/ is 6 bits away; data/ itself holds 8 pairs within
+4 bits, 7 of which are visibly the same film. A re-*cropped* copy (a few % of border) moves by
+10+ bits and is not caught: the hash finds re-exports of one film, not every film of one patient.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path, PurePath
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import CLASSES, KAGGLE_ROOT, load_params, project_root
+from .preprocess import ImageError, open_image, to_gray
+
+# --------------------------------------------------------------------------- reasons
+
+REASONS: dict[str, str] = {
+    "ok": "accepted",
+    "empty": "0-byte file",
+    "not_an_image": "not an image file",
+    "corrupt": "undecodable or truncated image data",
+    "unsupported_format": "image format not accepted",
+    "animated": "animated image",
+    "too_small": "under validate.min_side pixels on a side",
+    "too_large": "over validate.max_side pixels on a side",
+    "bad_mode": "pixel mode not in validate.modes",
+    "not_xray_colour": "a colour picture, not a chest X-ray",
+    "not_xray_blank": "a near-constant (blank) image, not a chest X-ray",
+    "unknown_class": "not inside a COVID / Normal / Viral Pneumonia folder",
+    "duplicate": "exact copy (sha256) of an image already in data/",
+    "duplicate_in_batch": "exact copy (sha256) of an earlier file in this batch",
+    "near_duplicate": "near-duplicate (dhash) of an image already in data/",
+}
+
+# "Plainly not a chest X-ray" rule (documented in the README):
+# - colour: mean absolute difference between the R, G and B channels, in 0..255 grey levels.
+#   Greyscale X-rays (also when saved as RGB/JPEG) score ~0-2; photos and screenshots 20+.
+COLOUR_MAX = 12.0
+# - blank: standard deviation of the greyscale pixels (every 2nd row and column). The 6,119 real
+#   images score >= 14.
+BLANK_STD_MIN = 5.0
+
+GREY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+# Perceptual hash constants. Changing any of them changes every hash: bump STATS_VERSION.
+HASH_GRID = 40
+HASH_SIGMA = 2.5
+HASH_SEED = 20240611
+STATS_VERSION = 1
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_side: int = 64
+    max_side: int = 4096
+    modes: tuple[str, ...] = ("L", "I;16", "I", "RGB")
+    near_dup_bits: int = 4
+    colour_max: float = COLOUR_MAX
+    blank_std_min: float = BLANK_STD_MIN
+
+    @property
+    def max_pixels(self) -> int:
+        """Decode guard handed to open_image: anything over max_side^2 is rejected before decoding."""
+        return self.max_side * self.max_side
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None = None) -> "Limits":
+        if params is None:
+            p = project_root() / "params.yaml"
+            params = load_params(p) if p.exists() else {}
+        v = params.get("validate", {}) or {}
+        pr = params.get("prepare", {}) or {}
+        d = cls()
+        return cls(
+            min_side=int(v.get("min_side", d.min_side)),
+            max_side=int(v.get("max_side", d.max_side)),
+            modes=tuple(v.get("modes", d.modes)),
+            near_dup_bits=int(pr.get("near_dup_bits", d.near_dup_bits)),
+        )
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+_PROJ: np.ndarray | None = None
+
+
+def _projection() -> np.ndarray:
+    global _PROJ
+    if _PROJ is None:
+        # Legacy RandomState: its stream is frozen by NumPy, so hashes are stable across versions.
+        _PROJ = np.random.RandomState(HASH_SEED).standard_normal((64, HASH_GRID * HASH_GRID)).astype(np.float32)
+    return _PROJ
+
+
+_BLUR: np.ndarray | None = None
+
+
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix M with M @ x = Gaussian blur of x (edge-replicated, truncated at 4 sigma)."""
+    r = int(4.0 * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    m = np.zeros((n, n))
+    for i in range(n):
+        for j, w in zip(np.clip(i + np.arange(-r, r + 1), 0, n - 1), k):
+            m[i, j] += w
+    return m.astype(np.float32)
+
+
+def _blur(a: np.ndarray) -> np.ndarray:
+    global _BLUR
+    if _BLUR is None:
+        _BLUR = _blur_matrix(HASH_GRID, HASH_SIGMA)
+    return _BLUR @ a @ _BLUR.T
+
+
+def image_hash(gray: np.ndarray) -> int:
+    """64-bit band-pass SimHash of a 2-D uint8 image (see the module docstring)."""
+    from PIL import Image
+
+    small = np.asarray(
+        Image.fromarray(gray).resize((HASH_GRID, HASH_GRID), Image.Resampling.LANCZOS, reducing_gap=2.0),
+        dtype=np.float32,
+    )
+    resid = small - _blur(small)
+    bits = (_projection() @ resid.ravel()) > 0
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def hamming(a: int | np.ndarray, b: int | np.ndarray) -> np.ndarray | int:
+    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
+    out = np.bitwise_count(x)
+    return int(out) if out.ndim == 0 else out
+
+
+def colourfulness(im) -> float:
+    """Mean |R-G|, |G-B|, |R-B| over a <=128 px thumbnail, in grey levels (0 for grey modes)."""
+    if im.mode in GREY_MODES or im.mode == "LA":
+        return 0.0
+    rgb = im.convert("RGB")
+    f = max(1, min(rgb.size) // 128)
+    if f > 1:
+        rgb = rgb.reduce(f)
+    a = np.asarray(rgb, dtype=np.int16)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    return float((np.abs(r - g) + np.abs(g - b) + np.abs(r - b)).mean() / 3.0)
+
+
+# --------------------------------------------------------------------------- per-file stats
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+STAT_KEYS = ("bytes", "sha256", "width", "height", "mode", "format", "dhash", "colour", "std", "error", "error_message")
+
+
+def file_stats(path: Path | str, max_pixels: int) -> dict[str, Any]:
+    """Raw, parameter-free facts about one file (cacheable). Never raises for a bad image."""
+    data = Path(path).read_bytes()
+    st: dict[str, Any] = dict.fromkeys(STAT_KEYS)
+    st["bytes"] = len(data)
+    st["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        im = open_image(data, max_pixels=max_pixels)
+    except ImageError as e:
+        st["error"], st["error_message"] = e.code, e.message
+        return st
+    st["width"], st["height"] = im.size
+    st["mode"], st["format"] = im.mode, im.format
+    st["colour"] = round(colourfulness(im), 3)
+    gray = to_gray(im)
+    st["std"] = round(float(gray[::2, ::2].std(dtype=np.float32)), 3)  # every 4th pixel is plenty
+    st["dhash"] = image_hash(gray)
+    return st
+
+
+def judge(st: dict[str, Any], limits: Limits) -> tuple[str, str]:
+    """(reason, message) for one file's stats; reason 'ok' means accepted (class/duplicates aside)."""
+    if st.get("error"):
+        return st["error"], st.get("error_message") or REASONS.get(st["error"], st["error"])
+    w, h = st["width"], st["height"]
+    if min(w, h) < limits.min_side:
+        return "too_small", f"image is {w}x{h}; each side must be at least {limits.min_side} px"
+    if max(w, h) > limits.max_side:
+        return "too_large", f"image is {w}x{h}; each side must be at most {limits.max_side} px"
+    if st["mode"] not in limits.modes:
+        return "bad_mode", f"pixel mode {st['mode']} is not one of {list(limits.modes)}; save it as greyscale"
+    if st["colour"] is not None and st["colour"] > limits.colour_max:
+        return "not_xray_colour", (
+            f"colourful image (mean channel difference {st['colour']:.1f} > {limits.colour_max:g}): not a chest X-ray"
+        )
+    if st["std"] is not None and st["std"] < limits.blank_std_min:
+        return "not_xray_blank", f"near-constant image (pixel std {st['std']:.1f} < {limits.blank_std_min:g})"
+    return "ok", "ok"
+
+
+def check_file(path: Path | str, limits: Limits | None = None) -> dict[str, Any]:
+    """Stats plus `accepted`/`reason`/`message` for one file (no class or duplicate checks)."""
+    limits = limits or Limits.from_params()
+    st = file_stats(path, limits.max_pixels)
+    reason, message = judge(st, limits)
+    return {"path": str(path), **_public(st), "accepted": reason == "ok", "reason": reason, "message": message}
+
+
+def _public(st: dict[str, Any]) -> dict[str, Any]:
+    return {k: st.get(k) for k in ("width", "height", "mode", "bytes", "sha256", "dhash")}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class StatsCache:
+    """JSON cache of `file_stats` keyed by absolute path, invalidated by (size, mtime_ns, inode)."""
+
+    def __init__(self, cache_dir: Path, max_pixels: int):
+        self.path = Path(cache_dir) / f"imagestats-v{STATS_VERSION}-{max_pixels}.json"
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        try:
+            self.entries = json.loads(self.path.read_text())["entries"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.entries = {}
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, list[int]]:
+        p = Path(path).resolve()
+        s = p.stat()
+        return str(p), [s.st_size, s.st_mtime_ns, s.st_ino]
+
+    def get(self, path: Path) -> dict[str, Any] | None:
+        k, sig = self._key(path)
+        e = self.entries.get(k)
+        return e[1] if e and e[0] == sig else None
+
+    def put(self, path: Path, st: dict[str, Any]) -> None:
+        k, sig = self._key(path)
+        self.entries[k] = [sig, st]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": STATS_VERSION, "entries": self.entries}))
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+def default_workers() -> int:
+    """1: on the 2-core box, 2 decode threads were *slower* (GIL hand-offs in Pillow's PNG
+    decoder: 650 vs 850 img/s) and 2 processes gained nothing while other jobs ran. Override with
+    $COVID_CXR_WORKERS or --workers on a bigger machine."""
+    return max(1, int(os.environ.get("COVID_CXR_WORKERS", "1")))
+
+
+def compute_stats(
+    paths: Sequence[Path],
+    max_pixels: int,
+    *,
+    workers: int | None = None,
+    cache: StatsCache | None = None,
+    progress: bool = False,
+    desc: str = "checking images",
+) -> list[dict[str, Any]]:
+    """`file_stats` for many files, in order, reusing `cache` hits. workers > 1 uses processes."""
+    out: list[dict[str, Any] | None] = [cache.get(p) if cache else None for p in paths]
+    todo = [i for i, st in enumerate(out) if st is None]
+    workers = workers or default_workers()
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=desc, unit="img", dynamic_ncols=True)
+
+    if workers > 1 and len(todo) > 64:
+        with ProcessPoolExecutor(workers) as ex:
+            it = ex.map(partial(file_stats, max_pixels=max_pixels), [paths[i] for i in todo], chunksize=32)
+            for i, st in zip(todo, it):
+                out[i] = st
+                if bar:
+                    bar.update()
+    else:
+        for i in todo:
+            out[i] = file_stats(paths[i], max_pixels)
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    if cache:
+        for i in todo:
+            cache.put(paths[i], out[i])  # type: ignore[arg-type]
+        cache.save()
+    return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- layouts
+
+_CLASS_ALIASES = {
+    "covid": "COVID",
+    "covid19": "COVID",
+    "covid 19": "COVID",
+    "normal": "Normal",
+    "viral pneumonia": "Viral Pneumonia",
+}
+_SKIP_CLASS = {"lung opacity"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+def canonical_class(folder: str | None) -> str | None:
+    """'covid' / 'NORMAL' / 'Viral_Pneumonia' / 'viral-pneumonia' -> canonical class, else None."""
+    if not folder:
+        return None
+    return _CLASS_ALIASES.get(_norm(folder))
+
+
+@dataclass
+class SourceFile:
+    path: Path
+    rel: str
+    folder: str | None  # the class folder as spelled on disk (None: not inside one)
+    label: str | None  # canonical class or None
+
+
+@dataclass
+class Scan:
+    files: list[SourceFile] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+    def skipped_line(self) -> str:
+        if not self.skipped:
+            return ""
+        parts = ", ".join(f"{k} ({v} file{'s' if v != 1 else ''})" for k, v in sorted(self.skipped.items()))
+        return f"Skipped, not part of this dataset: {parts}."
+
+
+def _is_hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def skip_kind(rel: PurePath) -> str | None:
+    """Why a Kaggle-archive member is not ours (masks/, Lung_Opacity/, *.xlsx), else None."""
+    dirs = rel.parts[:-1]
+    if any(d.lower() == "masks" for d in dirs):
+        return "masks/"
+    if any(_norm(d) in _SKIP_CLASS for d in dirs):
+        return "Lung_Opacity/"
+    if rel.suffix.lower() == ".xlsx":
+        return "*.xlsx"
+    return None
+
+
+def scan_source(src: Path) -> Scan:
+    """Every candidate image file under `src` with its class folder, in sorted order.
+
+    Accepts the Kaggle layout (`[COVID-19_Radiography_Dataset/]<Class>/images/<file>`) and the flat
+    layout (`<Class>/<file>`). Skips (and counts) what a Kaggle archive carries that is not ours:
+    `masks/` folders, the `Lung_Opacity` class, `*.xlsx` metadata and top-level README/licence files.
+    """
+    src = Path(src)
+    scan = Scan()
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if any(_is_hidden(part) for part in rel.parts) or not p.is_file():
+            continue
+        kind = skip_kind(rel)
+        if kind:
+            scan.skipped[kind] += 1
+            continue
+        dirs = list(rel.parts[:-1])
+        if dirs and dirs[-1].lower() == "images":
+            dirs.pop()
+        if dirs and dirs[0] == KAGGLE_ROOT:
+            dirs.pop(0)
+        folder = dirs[-1] if dirs else None
+        if folder is None and re.match(r"(?i)(readme|licen[cs]e)", p.name):
+            scan.skipped["README/licence"] += 1
+            continue
+        scan.files.append(SourceFile(p, rel.as_posix(), folder, canonical_class(folder)))
+    return scan
+
+
+def data_image_files(data_dir: Path) -> list[SourceFile]:
+    """The images of the project's data/ folder (Kaggle layout)."""
+    return scan_source(Path(data_dir)).files
+
+
+# --------------------------------------------------------------------------- data index
+
+
+class DataIndex:
+    """sha256 and dhash of everything already in data/, for duplicate checks."""
+
+    def __init__(self, paths: list[Path], stats: list[dict[str, Any]]):
+        self.by_sha: dict[str, Path] = {}
+        hp, hv = [], []
+        for p, st in zip(paths, stats):
+            self.by_sha.setdefault(st["sha256"], p)
+            if st.get("dhash") is not None:
+                hp.append(p)
+                hv.append(st["dhash"])
+        self.hash_paths = hp
+        self.hashes = np.array(hv, dtype=np.uint64)
+
+    @classmethod
+    def build(
+        cls, data_dir: Path, limits: Limits, *, cache_dir: Path | None = None, workers: int | None = None,
+        progress: bool = False,
+    ) -> "DataIndex":
+        files = [f.path for f in data_image_files(data_dir)]
+        cache = StatsCache(cache_dir if cache_dir else default_cache_dir(data_dir), limits.max_pixels)
+        stats = compute_stats(files, limits.max_pixels, workers=workers, cache=cache, progress=progress,
+                              desc="indexing data/")
+        return cls(files, stats)
+
+    def nearest(self, h: int) -> tuple[Path | None, int]:
+        if h is None or len(self.hashes) == 0:
+            return None, 65
+        d = hamming(self.hashes, h)
+        i = int(np.argmin(d))
+        return self.hash_paths[i], int(d[i])
+
+
+def default_cache_dir(data_dir: Path) -> Path:
+    """`.cache/covid_cxr/` beside the data folder (the project root for the real data)."""
+    return Path(data_dir).resolve().parent / ".cache" / "covid_cxr"
+
+
+# --------------------------------------------------------------------------- batch check
+
+
+def check_source(
+    batch_dir: Path,
+    data_dir: Path | None = None,
+    *,
+    limits: Limits | None = None,
+    workers: int | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], Scan]:
+    """`check_batch` plus the scan (what was skipped)."""
+    limits = limits or Limits.from_params()
+    scan = scan_source(Path(batch_dir))
+    index = (
+        DataIndex.build(Path(data_dir), limits, cache_dir=cache_dir, workers=workers, progress=progress)
+        if data_dir is not None and Path(data_dir).exists()
+        else None
+    )
+    stats = compute_stats([f.path for f in scan.files], limits.max_pixels, workers=workers, progress=progress)
+    seen: dict[str, str] = {}
+    results = []
+    for f, st in zip(scan.files, stats):
+        reason, message = judge(st, limits)
+        extra: dict[str, Any] = {}
+        if reason == "ok" and f.label is None:
+            reason = "unknown_class"
+            message = (
+                f"folder {f.folder!r} is not a class ({', '.join(CLASSES)})" if f.folder
+                else "file is not inside a class folder"
+            )
+        if reason == "ok" and index is not None and st["sha256"] in index.by_sha:
+            reason, extra["duplicate_of"] = "duplicate", str(index.by_sha[st["sha256"]])
+            message = f"identical to {extra['duplicate_of']}"
+        if reason == "ok" and st["sha256"] in seen:
+            reason, extra["duplicate_of"] = "duplicate_in_batch", seen[st["sha256"]]
+            message = f"identical to {seen[st['sha256']]} in this batch (that copy is kept)"
+        if reason == "ok" and index is not None:
+            near, dist = index.nearest(st["dhash"])
+            if near is not None and dist <= limits.near_dup_bits:
+                reason, extra["duplicate_of"], extra["distance"] = "near_duplicate", str(near), dist
+                message = f"near-duplicate of {near} (dhash distance {dist} <= {limits.near_dup_bits} bits)"
+        if reason == "ok":
+            seen[st["sha256"]] = str(f.path)
+        results.append(
+            {
+                "path": str(f.path),
+                "label": f.label,
+                "folder": f.folder,
+                **_public(st),
+                "accepted": reason == "ok",
+                "reason": reason,
+                "message": message,
+                **extra,
+            }
+        )
+    return results, scan
+
+
+def check_batch(batch_dir: Path, data_dir: Path | None = None, **kw) -> list[dict[str, Any]]:
+    """Check every file of an incoming batch (Kaggle or flat layout) against the rules and data/.
+
+    Each result has `path`, `label` (canonical class or None), `accepted`, `reason` ("ok" when
+    accepted), `message`, the image stats and, for duplicates, `duplicate_of`.
+    """
+    return check_source(batch_dir, data_dir, **kw)[0]
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    reasons = Counter(r["reason"] for r in results)
+    labels = Counter(r["label"] for r in results if r["accepted"])
+    return {
+        "files": len(results),
+        "accepted": sum(r["accepted"] for r in results),
+        "rejected": sum(not r["accepted"] for r in results),
+        "by_reason": dict(sorted(reasons.items())),
+        "accepted_by_class": {c: labels.get(c, 0) for c in CLASSES},
+    }
+
+
+def write_report(results: list[dict[str, Any]], path: Path | str, skipped: dict[str, int] | None = None) -> Path:
+    """JSON report: summary counts and every file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"summary": summarize(results), "skipped": dict(skipped or {}), "files": results}
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return path
+
+
+def format_summary(results: list[dict[str, Any]]) -> str:
+    s = summarize(results)
+    lines = [f"{'reason':<20} {'files':>6}  meaning", f"{'-' * 20} {'-' * 6}  {'-' * 40}"]
+    for reason, n in sorted(s["by_reason"].items(), key=lambda kv: (kv[0] != "ok", kv[0])):
+        lines.append(f"{reason:<20} {n:>6}  {REASONS.get(reason, '')}")
+    lines.append(f"{s['accepted']} of {s['files']} files accepted " + str(s["accepted_by_class"]))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register(app, data_app) -> None:
+    import typer
+
+    @data_app.command("check")
+    def check_cmd(
+        directory: Path = typer.Argument(..., exists=True, file_okay=False, help="Batch folder (Kaggle or flat layout)."),
+        report: Path = typer.Option(None, "--report", help="Write the JSON report here [default: DIR-check.json in .cache]."),
+        data_dir: Path = typer.Option(None, "--data", help="The project's data folder [default: <root>/data]."),
+        show: int = typer.Option(10, help="List at most this many rejected files."),
+    ) -> None:
+        """Check a batch of images before import. Changes nothing but the report; exit 1 if any file is rejected."""
+        from .config import Paths
+
+        paths = Paths()
+        data_dir = data_dir or paths.data
+        results, scan = check_source(directory, data_dir, limits=Limits.from_params(), progress=True)
+        if scan.skipped:
+            typer.echo(scan.skipped_line())
+        report = report or paths.cache / "reports" / f"{Path(directory).resolve().name}-check.json"
+        write_report(results, report, scan.skipped)
+        typer.echo(format_summary(results))
+        bad = [r for r in results if not r["accepted"]]
+        for r in bad[:show]:
+            typer.echo(f"  REJECTED {r['path']}: {r['reason']}: {r['message']}")
+        if len(bad) > show:
+            typer.echo(f"  ... and {len(bad) - show} more (see the report)")
+        typer.echo(f"Report: {report}")
+        if not results:
+            typer.echo("No image files found.")
+            raise typer.Exit(1)
+        raise typer.Exit(1 if bad else 0)

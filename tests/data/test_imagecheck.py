@@ -1,0 +1,272 @@
+"""imagecheck: one test per rejection reason, layouts, report, cache and the `data check` CLI."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import imgfactory as fx
+import pytest
+from typer.testing import CliRunner
+
+from covid_cxr import imagecheck as ic
+from covid_cxr.cli import app
+
+LIMITS = ic.Limits()  # params.yaml defaults: 64..4096 px, modes L/I;16/I/RGB, 4 bits
+
+
+def reason_of(path: Path) -> str:
+    return ic.check_file(path, LIMITS)["reason"]
+
+
+# --------------------------------------------------------------------------- single files
+
+
+def test_good_png_is_accepted_with_stats(tmp_path):
+    p = fx.png_gray(tmp_path / "a.png", size=(200, 180), seed=1)
+    r = ic.check_file(p, LIMITS)
+    assert r["accepted"] and r["reason"] == "ok"
+    assert (r["width"], r["height"], r["mode"]) == (200, 180, "L")
+    assert r["bytes"] == p.stat().st_size
+    assert len(r["sha256"]) == 64
+    assert isinstance(r["dhash"], int) and 0 <= r["dhash"] < 2**64
+
+
+def test_16bit_greyscale_png_is_a_valid_xray(tmp_path):
+    r = ic.check_file(fx.png16(tmp_path / "a16.png"), LIMITS)
+    assert r["accepted"], r["message"]
+    assert r["mode"] == "I;16"
+
+
+def test_grey_film_saved_as_rgb_jpeg_is_not_taken_for_a_colour_photo(tmp_path):
+    r = ic.check_file(fx.jpeg_gray_rgb(tmp_path / "a.jpg"), LIMITS)
+    assert r["accepted"], r["message"]
+    assert r["mode"] == "RGB"
+
+
+def test_empty_file(tmp_path):
+    assert reason_of(fx.zero_bytes(tmp_path / "z.png")) == "empty"
+
+
+def test_text_file_is_not_an_image(tmp_path):
+    assert reason_of(fx.text_file(tmp_path / "notes.png")) == "not_an_image"
+
+
+def test_truncated_png_is_corrupt(tmp_path):
+    r = ic.check_file(fx.truncated(tmp_path / "t.png"), LIMITS)
+    assert r["reason"] == "corrupt"
+    assert "truncated" in r["message"]
+
+
+def test_too_small(tmp_path):
+    r = ic.check_file(fx.tiny(tmp_path / "t.png", size=32), LIMITS)
+    assert r["reason"] == "too_small" and "64" in r["message"]
+    assert reason_of(fx.png_gray(tmp_path / "edge.png", size=(64, 300))) == "ok"  # the bound itself is fine
+
+
+def test_too_large_side_decoded(tmp_path):
+    r = ic.check_file(fx.wide(tmp_path / "w.png", width=4200, height=96), LIMITS)
+    assert r["reason"] == "too_large" and "4096" in r["message"]
+
+
+def test_too_large_header_is_refused_before_decoding(tmp_path):
+    p = fx.huge_dims(tmp_path / "bomb.png", 30000, 30000)
+    assert p.stat().st_size < 200
+    r = ic.check_file(p, LIMITS)
+    assert r["reason"] == "too_large"
+    assert r["width"] is None  # never decoded
+
+
+def test_mode_outside_validate_modes(tmp_path):
+    r = ic.check_file(fx.la_png(tmp_path / "la.png"), LIMITS)
+    assert r["reason"] == "bad_mode" and "LA" in r["message"]
+    # and the same file passes when the params allow the mode
+    assert ic.check_file(tmp_path / "la.png", ic.Limits(modes=("L", "LA")))["accepted"]
+
+
+def test_colour_photo_is_not_an_xray(tmp_path):
+    r = ic.check_file(fx.rgb_photo(tmp_path / "photo.png"), LIMITS)
+    assert r["reason"] == "not_xray_colour"
+
+
+def test_blank_image_is_not_an_xray(tmp_path):
+    assert reason_of(fx.blank(tmp_path / "b.png")) == "not_xray_blank"
+
+
+def test_animated_and_unsupported_format(tmp_path):
+    assert reason_of(fx.animated_gif(tmp_path / "a.gif")) == "animated"
+    assert reason_of(fx.tga(tmp_path / "a.tga")) == "unsupported_format"
+
+
+def test_real_batch_images_pass(real_images, tmp_path):
+    for files in real_images.values():
+        for f in files:
+            r = ic.check_file(f, LIMITS)
+            assert r["accepted"], (f, r["message"])
+
+
+# --------------------------------------------------------------------------- hash
+
+
+def test_hash_catches_reexports_but_separates_different_films(real_images, tmp_path):
+    files = [f for fs in real_images.values() for f in fs]
+    hashes = [ic.check_file(f, LIMITS)["dhash"] for f in files]
+    for i in range(len(files)):
+        for j in range(i):
+            assert ic.hamming(hashes[i], hashes[j]) > LIMITS.near_dup_bits, (files[i], files[j])
+    for k, f in enumerate(files[:3]):
+        for size, fmt in ((299, "PNG"), (512, "PNG"), (256, "JPEG")):
+            q = fx.resaved(f, tmp_path / f"r{k}_{size}.{fmt.lower()}", size, fmt)
+            assert ic.hamming(hashes[k], ic.check_file(q, LIMITS)["dhash"]) <= LIMITS.near_dup_bits
+
+
+def test_hamming_vectorised():
+    import numpy as np
+
+    a = np.array([0, 0b1011, 2**64 - 1], dtype=np.uint64)
+    assert ic.hamming(a, 0).tolist() == [0, 3, 64]
+    assert ic.hamming(0b1111, 0b0101) == 2
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_check_batch_flat_layout_every_reason(data_dir, tmp_path):
+    batch = tmp_path / "batch"
+    fx.png_gray(batch / "covid" / "new1.png", seed=1)  # lower-case class folder
+    fx.png_gray(batch / "NORMAL" / "new2.png", seed=2)
+    fx.png_gray(batch / "Viral_Pneumonia" / "new3.png", seed=3)
+    fx.png_gray(batch / "viral-pneumonia" / "new4.png", seed=4)
+    fx.png_gray(batch / "Lung Cancer" / "x.png", seed=5)  # not a class of ours
+    fx.png_gray(batch / "stray.png", seed=6)  # no class folder
+    (batch / "covid" / "z_copy.png").write_bytes((batch / "covid" / "new1.png").read_bytes())  # dup in batch
+    existing = data_dir / ic.KAGGLE_ROOT / "Normal" / "images" / "Normal-0.png"
+    (batch / "Normal" / "again.png").parent.mkdir(exist_ok=True)
+    (batch / "Normal" / "again.png").write_bytes(existing.read_bytes())  # dup of data/
+    fx.resaved(existing, batch / "Normal" / "bigger.png", 299)  # near-dup of data/
+    fx.zero_bytes(batch / "COVID" / "zero.png")
+    fx.text_file(batch / "COVID" / "readme.txt")
+    fx.truncated(batch / "COVID" / "cut.png", seed=8)
+    fx.tiny(batch / "COVID" / "tiny.png")
+    fx.huge_dims(batch / "COVID" / "huge.png")
+    fx.rgb_photo(batch / "COVID" / "holiday.png")
+    fx.blank(batch / "COVID" / "blank.png")
+    fx.la_png(batch / "COVID" / "alpha.png", seed=9)
+
+    res = {Path(r["path"]).relative_to(batch).as_posix(): r for r in ic.check_batch(batch, data_dir, limits=LIMITS)}
+    reasons = {k: v["reason"] for k, v in res.items()}
+    assert reasons == {
+        "COVID/alpha.png": "bad_mode",
+        "COVID/blank.png": "not_xray_blank",
+        "COVID/cut.png": "corrupt",
+        "COVID/holiday.png": "not_xray_colour",
+        "COVID/huge.png": "too_large",
+        "COVID/readme.txt": "not_an_image",
+        "COVID/tiny.png": "too_small",
+        "COVID/zero.png": "empty",
+        "Lung Cancer/x.png": "unknown_class",
+        "Normal/again.png": "duplicate",
+        "Normal/bigger.png": "near_duplicate",
+        "NORMAL/new2.png": "ok",
+        "Viral_Pneumonia/new3.png": "ok",
+        "covid/new1.png": "ok",
+        "covid/z_copy.png": "duplicate_in_batch",
+        "stray.png": "unknown_class",
+        "viral-pneumonia/new4.png": "ok",
+    }
+    assert res["covid/new1.png"]["label"] == "COVID"
+    assert res["NORMAL/new2.png"]["label"] == "Normal"
+    assert res["viral-pneumonia/new4.png"]["label"] == "Viral Pneumonia"
+    assert res["Lung Cancer/x.png"]["label"] is None
+    assert res["covid/z_copy.png"]["duplicate_of"] == str(batch / "covid" / "new1.png")  # the first copy is kept
+    assert res["Normal/again.png"]["duplicate_of"] == str(existing)
+    assert res["Normal/bigger.png"]["duplicate_of"] == str(existing)
+    assert res["Normal/bigger.png"]["distance"] <= LIMITS.near_dup_bits
+    assert all(set(REQUIRED) <= set(r) for r in res.values())
+    assert all(r["accepted"] == (r["reason"] == "ok") for r in res.values())
+
+
+REQUIRED = ("path", "label", "accepted", "reason", "width", "height", "mode", "bytes", "sha256", "dhash")
+
+
+def test_check_batch_kaggle_layout_skips_masks_and_lung_opacity(data_dir, tmp_path):
+    src = tmp_path / "kaggle" / ic.KAGGLE_ROOT
+    fx.png_gray(src / "COVID" / "images" / "COVID-9.png", seed=11)
+    fx.png_gray(src / "COVID" / "masks" / "COVID-9.png", seed=12)
+    fx.png_gray(src / "Lung_Opacity" / "images" / "Lung_Opacity-1.png", seed=13)
+    fx.text_file(src / "COVID.metadata.xlsx")
+    fx.text_file(src / "README.md.txt")
+    results, scan = ic.check_source(tmp_path / "kaggle", data_dir, limits=LIMITS)
+    assert [(Path(r["path"]).name, r["label"], r["reason"]) for r in results] == [("COVID-9.png", "COVID", "ok")]
+    assert dict(scan.skipped) == {"masks/": 1, "Lung_Opacity/": 1, "*.xlsx": 1, "README/licence": 1}
+
+
+def test_near_duplicates_inside_a_batch_are_both_accepted(data_dir, tmp_path):
+    """Only near-duplicates of data/ are rejected; within a batch, prepare groups them."""
+    a = fx.png_gray(tmp_path / "b" / "COVID" / "a.png", seed=21)
+    fx.resaved(a, tmp_path / "b" / "COVID" / "a_big.png", 299)
+    assert [r["reason"] for r in ic.check_batch(tmp_path / "b", data_dir, limits=LIMITS)] == ["ok", "ok"]
+
+
+def test_write_report_counts_and_lists_every_file(data_dir, tmp_path):
+    fx.png_gray(tmp_path / "b" / "COVID" / "ok.png", seed=31)
+    fx.zero_bytes(tmp_path / "b" / "COVID" / "zero.png")
+    results = ic.check_batch(tmp_path / "b", data_dir, limits=LIMITS)
+    doc = json.loads(ic.write_report(results, tmp_path / "r" / "report.json").read_text())
+    assert doc["summary"]["files"] == 2 and doc["summary"]["accepted"] == 1 and doc["summary"]["rejected"] == 1
+    assert doc["summary"]["by_reason"] == {"empty": 1, "ok": 1}
+    assert doc["summary"]["accepted_by_class"]["COVID"] == 1
+    assert sorted(Path(f["path"]).name for f in doc["files"]) == ["ok.png", "zero.png"]
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_data_index_cache_is_reused_and_invalidated(data_dir, monkeypatch):
+    cache_dir = ic.default_cache_dir(data_dir)
+    ic.DataIndex.build(data_dir, LIMITS)
+    assert list(cache_dir.glob("imagestats-*.json"))
+    calls = []
+    real = ic.file_stats
+    monkeypatch.setattr(ic, "file_stats", lambda p, m: calls.append(Path(p).name) or real(p, m))
+    idx = ic.DataIndex.build(data_dir, LIMITS)
+    assert calls == [] and len(idx.hashes) == 6  # all from the cache
+    f = data_dir / ic.KAGGLE_ROOT / "COVID" / "images" / "COVID-0.png"
+    fx.png_gray(f, seed=999)  # same name, new content
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    idx = ic.DataIndex.build(data_dir, LIMITS)
+    assert calls == ["COVID-0.png"]
+    assert ic.sha256_file(f) in idx.by_sha
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_cli_check_exit_codes_and_no_side_effects(data_dir, project, tmp_path):
+    good = tmp_path / "good"
+    fx.png_gray(good / "COVID" / "n1.png", seed=41)
+    fx.png16(good / "Normal" / "n2.png", seed=42)
+    bad = tmp_path / "bad"
+    fx.png_gray(bad / "COVID" / "n1.png", seed=43)
+    fx.text_file(bad / "COVID" / "notes.png")
+    before_data, before_good = _snapshot(data_dir), _snapshot(good)
+    runner = CliRunner()
+
+    report = tmp_path / "good.json"
+    r = runner.invoke(app, ["data", "check", str(good), "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    assert "2 of 2 files accepted" in r.output
+    assert json.loads(report.read_text())["summary"]["accepted"] == 2
+
+    report = tmp_path / "bad.json"
+    r = runner.invoke(app, ["data", "check", str(bad), "--report", str(report)])
+    assert r.exit_code == 1, r.output
+    assert "not_an_image" in r.output and "notes.png" in r.output
+    assert json.loads(report.read_text())["summary"]["by_reason"] == {"not_an_image": 1, "ok": 1}
+
+    assert _snapshot(data_dir) == before_data and _snapshot(good) == before_good
