@@ -1,0 +1,50 @@
+"""Decoded-image cache: every manifest image decoded once, at one size, to a uint8 array.
+
+Training and evaluation read pixels from here; both go through
+`preprocess.load_gray`, so the cache is the same transform serving applies.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .preprocess import load_gray
+
+
+def _key(df: pd.DataFrame, size: int) -> str:
+    h = hashlib.sha1(f"{size}|".encode())
+    for p, s in zip(df["path"], df["sha256"]):
+        h.update(f"{p}|{s}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _decode(args: tuple[str, int]) -> np.ndarray:
+    path, size = args
+    return load_gray(path, size)
+
+
+def decoded(df: pd.DataFrame, size: int, root: Path, cache_dir: Path, workers: int = 2) -> np.ndarray:
+    """(N, size, size) uint8 for the manifest rows, in row order; memory-mapped when cached."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    f = cache_dir / f"decoded_{size}_{_key(df, size)}.npy"
+    if f.exists():
+        return np.load(f, mmap_mode="r")
+    jobs = [(str(root / p), size) for p in df["path"]]
+    out = np.empty((len(jobs), size, size), np.uint8)
+    desc = f"decode {len(jobs)} images @ {size}px"
+    if workers > 1 and len(jobs) > 256:
+        with ProcessPoolExecutor(workers) as ex:
+            for i, a in enumerate(tqdm(ex.map(_decode, jobs, chunksize=64), total=len(jobs), desc=desc)):
+                out[i] = a
+    else:
+        for i, j in enumerate(tqdm(jobs, desc=desc)):
+            out[i] = _decode(j)
+    tmp = f.with_suffix(".tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(f)
+    return out

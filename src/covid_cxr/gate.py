@@ -1,0 +1,97 @@
+"""Stage `gate`: may this model ship? Absolute thresholds + no regression against the champion."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .config import Paths, load_params
+
+# (metric, direction, params key): "min" means higher is better.
+THRESHOLDS = (
+    ("accuracy", "min", "min_accuracy"),
+    ("macro_f1", "min", "min_macro_f1"),
+    ("covid_recall", "min", "min_covid_recall"),
+    ("ece_after", "max", "max_ece"),
+)
+KEY_METRICS = ("accuracy", "macro_f1", "covid_recall")
+
+
+def decide(metrics: dict[str, Any], gate_params: dict[str, Any],
+           champion: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pure decision: every failed check becomes a human-readable reason."""
+    checks, reasons = [], []
+    for name, direction, key in THRESHOLDS:
+        if key not in gate_params:
+            continue
+        v, t = metrics.get(name), float(gate_params[key])
+        ok = v is not None and (v >= t if direction == "min" else v <= t)
+        checks.append({"check": f"{name} {'>=' if direction == 'min' else '<='} {t}", "value": v, "ok": ok})
+        if not ok:
+            reasons.append(f"{name} = {v if v is None else round(v, 4)} is {'below' if direction == 'min' else 'above'} "
+                           f"the threshold {t}")
+    if champion and champion.get("metrics"):
+        tol = float(gate_params.get("champion_tolerance", 0.0))
+        cm = champion["metrics"]
+        for name in KEY_METRICS:
+            if name not in cm or name not in metrics:
+                continue
+            ok = metrics[name] >= cm[name] - tol
+            checks.append({"check": f"{name} >= champion {cm[name]:.4f} - {tol}", "value": metrics[name], "ok": ok})
+            if not ok:
+                reasons.append(f"{name} = {metrics[name]:.4f} regresses more than {tol} below the champion "
+                               f"({champion.get('bento', 'production')}: {cm[name]:.4f})")
+    return {"passed": not reasons, "reasons": reasons, "checks": checks}
+
+
+def champion_on_split(paths: Paths, n_bins: int) -> dict[str, Any] | None:
+    """Re-score the production model on *this* test split (so both models see the same images)."""
+    if not paths.production.exists():
+        return None
+    prod = json.loads(paths.production.read_text())
+    model_path = Path(prod.get("model_path", ""))
+    if not (model_path / "model.json").exists():
+        typer.secho(f"! champion {prod.get('bento')} weights not found at {model_path}; using its recorded metrics",
+                    fg=typer.colors.YELLOW)
+        return {"bento": prod.get("bento"), "metrics": prod.get("metrics", {}), "rescored": False}
+    from .evaluate import predict_split, score
+
+    m = score(predict_split(model_path, paths, "test"), n_bins)
+    return {"bento": prod.get("bento"), "metrics": {k: m[k] for k in (*KEY_METRICS, "ece_after")}, "rescored": True}
+
+
+def gate(paths: Paths | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    paths = paths or Paths()
+    params = params if params is not None else load_params(paths.root / "params.yaml")
+    metrics_file = paths.eval_dir / "metrics.json"
+    if not metrics_file.exists():
+        raise FileNotFoundError(f"{metrics_file} is missing: run `covid-cxr evaluate` first")
+    metrics = json.loads(metrics_file.read_text())
+    champion = champion_on_split(paths, int(params.get("evaluate", {}).get("ece_bins", 15)))
+    result = decide(metrics, params["gate"], champion)
+    result.update({
+        "metrics": {k: metrics.get(k) for k in (*KEY_METRICS, "covid_specificity", "ece_after", "ece_before")},
+        "champion": champion,
+        "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    paths.gate.parent.mkdir(parents=True, exist_ok=True)
+    paths.gate.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def register(app: typer.Typer, data_app: typer.Typer) -> None:
+    @app.command("gate")
+    def gate_cmd() -> None:
+        """Decide whether artifacts/model may ship; writes artifacts/gate.json, exits 1 on failure."""
+        r = gate()
+        for c in r["checks"]:
+            typer.echo(f"  {'✔' if c['ok'] else '✘'} {c['check']}  (value {c['value']})")
+        if r["passed"]:
+            typer.secho("✔ gate PASSED", fg=typer.colors.GREEN)
+        else:
+            typer.secho("✘ gate FAILED — nothing downstream will be built:\n  - " + "\n  - ".join(r["reasons"]),
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
