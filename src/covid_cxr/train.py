@@ -144,7 +144,7 @@ def fit_temperature(logits, labels) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def _timed(name: str, timings: dict[str, float]):
@@ -211,7 +211,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         f_va = pooled_features(net, cache[va], norm, desc="body features (valid)", channels_last=cl)
         y_tr, y_va = torch.as_tensor(labels[tr]), torch.as_tensor(labels[va])
         fdls = DataLoaders(
-            DataLoader(list(zip(f_tr, y_tr)), bs=64, shuffle=True, drop_last=True),
+            DataLoader(list(zip(f_tr, y_tr)), bs=64, shuffle=True, drop_last=len(f_tr) > 64),
             DataLoader(list(zip(f_va, y_va)), bs=256), device="cpu")
         head_learn = Learner(fdls, net.head, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
         head_learn.fit_one_cycle(int(cfg["head_epochs"]), float(cfg["head_lr"]))

@@ -1,0 +1,57 @@
+"""A tiny real training run (real X-rays, 64 px, one short epoch per phase) with the network blocked."""
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from covid_cxr.config import CLASSES, Paths
+from covid_cxr.model_io import load_model
+from covid_cxr.preprocess import load_gray
+
+
+def test_training_touches_no_network(trained_tiny):
+    _, _, attempts = trained_tiny
+    assert attempts == []
+
+
+def test_artifacts_are_weights_only_and_complete(trained_tiny):
+    root, meta, _ = trained_tiny
+    d = Paths(root).model_dir
+    assert sorted(p.name for p in d.iterdir()) == ["model.json", "model.safetensors", "ood.safetensors"]
+    sd = load_file(str(d / "model.safetensors"))  # safetensors: no pickle involved
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    mj = json.loads((d / "model.json").read_text())
+    for key in ("arch", "classes", "image_size", "normalize", "temperature", "data_md5", "git_sha", "params", "ood"):
+        assert key in mj
+    assert mj["classes"] == list(CLASSES) and mj["image_size"] == 64 and mj["params"]["profile"] == "smoke"
+    assert mj["temperature"] > 0 and np.isfinite(mj["ood"]["threshold"])
+
+
+def test_saved_model_reloads_and_predicts_like_training(trained_tiny):
+    root, meta, _ = trained_tiny
+    m = load_model(Paths(root).model_dir)
+    f = sorted((root / "data").rglob("*.png"))[:4]
+    x = np.stack([load_gray(p, m.size) for p in f])
+    out = m.predict(x)
+    assert out["probs"].shape == (4, 3)
+    np.testing.assert_allclose(out["probs"].sum(1), 1.0, rtol=1e-5)
+    assert out["in_distribution"].dtype == bool
+    again = load_model(Paths(root).model_dir).predict(x)
+    np.testing.assert_allclose(out["probs"], again["probs"], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_writes_metrics_plots_report_and_card(trained_tiny):
+    from covid_cxr.evaluate import evaluate
+
+    root, _, _ = trained_tiny
+    p = Paths(root)
+    m = evaluate(p)
+    assert m["n_test"] == 9
+    assert json.loads((p.eval_dir / "metrics.json").read_text())["accuracy"] == m["accuracy"]
+    for f in ("img/confusion.png", "img/roc.png", "img/reliability.png", "report.md", "predictions.csv",
+              "plots/confusion.csv", "plots/roc.csv", "plots/reliability.csv"):
+        assert (p.eval_dir / f).stat().st_size > 0, f
+    card = p.model_card.read_text()
+    assert "not a diagnostic" in card.lower() or "not for diagnos" in card.lower()
+    assert "paediatric" in card and "ECE" in card
