@@ -68,7 +68,8 @@ BLANK_STD_MIN = 5.0
 
 GREY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
-# Perceptual hash constants. Changing any of them changes every hash: bump STATS_VERSION.
+# Perceptual hash constants. The stats cache is keyed by a digest of this file, so edits here
+# invalidate it; STATS_VERSION is only for changes made elsewhere.
 HASH_GRID = 40
 HASH_SIGMA = 2.5
 HASH_SEED = 20240611
@@ -245,11 +246,25 @@ def _public(st: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- cache
 
 
+def _code_digest() -> str:
+    """Digest of the code that produces stats (this module and preprocess): edits invalidate the cache."""
+    from . import preprocess
+
+    h = hashlib.sha256(f"{STATS_VERSION}".encode())
+    for mod in (__file__, preprocess.__file__):
+        h.update(Path(mod).read_bytes())
+    return h.hexdigest()[:16]
+
+
 class StatsCache:
-    """JSON cache of `file_stats` keyed by absolute path, invalidated by (size, mtime_ns, inode)."""
+    """JSON cache of `file_stats`, one file per (code digest, max_pixels).
+
+    Entries are keyed by absolute path and reused only while (size, mtime_ns, inode) match.
+    """
 
     def __init__(self, cache_dir: Path, max_pixels: int):
-        self.path = Path(cache_dir) / f"imagestats-v{STATS_VERSION}-{max_pixels}.json"
+        self.max_pixels = max_pixels
+        self.path = Path(cache_dir) / f"imagestats-{_code_digest()}-{max_pixels}.json"
         self.entries: dict[str, list] = {}
         self.dirty = False
         try:
@@ -281,6 +296,9 @@ class StatsCache:
         tmp.write_text(json.dumps({"version": STATS_VERSION, "entries": self.entries}))
         os.replace(tmp, self.path)
         self.dirty = False
+        for old in self.path.parent.glob(f"imagestats-*-{self.max_pixels}.json"):
+            if old != self.path:  # written by an older version of the code: never read again
+                old.unlink(missing_ok=True)
 
 
 def default_workers() -> int:
@@ -560,7 +578,8 @@ def format_summary(results: list[dict[str, Any]]) -> str:
     lines = [f"{'reason':<20} {'files':>6}  meaning", f"{'-' * 20} {'-' * 6}  {'-' * 40}"]
     for reason, n in sorted(s["by_reason"].items(), key=lambda kv: (kv[0] != "ok", kv[0])):
         lines.append(f"{reason:<20} {n:>6}  {REASONS.get(reason, '')}")
-    lines.append(f"{s['accepted']} of {s['files']} files accepted " + str(s["accepted_by_class"]))
+    per_class = ", ".join(f"{c} {n}" for c, n in s["accepted_by_class"].items())
+    lines.append(f"{s['accepted']} of {s['files']} files accepted ({per_class})")
     return "\n".join(lines)
 
 

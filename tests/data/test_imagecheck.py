@@ -270,3 +270,16 @@ def test_cli_check_exit_codes_and_no_side_effects(data_dir, project, tmp_path):
     assert json.loads(report.read_text())["summary"]["by_reason"] == {"not_an_image": 1, "ok": 1}
 
     assert _snapshot(data_dir) == before_data and _snapshot(good) == before_good
+
+
+def test_cache_is_keyed_by_the_code_too(data_dir, monkeypatch):
+    ic.DataIndex.build(data_dir, LIMITS)
+    [first] = ic.default_cache_dir(data_dir).glob("imagestats-*.json")
+    monkeypatch.setattr(ic, "STATS_VERSION", ic.STATS_VERSION + 1)  # as if the stats code changed
+    calls = []
+    real = ic.file_stats
+    monkeypatch.setattr(ic, "file_stats", lambda p, m: calls.append(p) or real(p, m))
+    ic.DataIndex.build(data_dir, LIMITS)
+    assert len(calls) == 6  # nothing reused
+    [second] = ic.default_cache_dir(data_dir).glob("imagestats-*.json")
+    assert second != first  # and the stale cache file is gone
