@@ -62,15 +62,15 @@ def git_commit(root: str, message: str) -> str | None:
 
 
 @task(name="rebuild", retries=1, retry_delay_seconds=BUILD_DELAYS, cache_policy=NO_CACHE)
-def rebuild(root: str, timeout_s: float | None) -> None:
-    """`dvc repro evaluate`: prepare, validate, train, evaluate (only what changed)."""
-    orch.dvc_repro(Path(root), "evaluate", log=_log(), timeout=timeout_s)
+def rebuild(root: str, timeout_s: float | None) -> bool:
+    """`dvc repro gate` (only what changed). A retry resumes at the stage that failed."""
+    return orch.rebuild(Path(root), log=_log(), timeout=timeout_s)
 
 
 @task(name="gate", retries=0, cache_policy=NO_CACHE)
 def gate(root: str) -> dict[str, Any]:
-    """`dvc repro gate` and its decision (artifacts/gate.json). A failed gate is returned, not raised."""
-    return orch.run_gate(Path(root), log=_log())
+    """The gate decision (artifacts/gate.json): thresholds and the champion comparison."""
+    return orch.read_gate(Path(root))
 
 
 @task(name="package", retries=1, retry_delay_seconds=BUILD_DELAYS, cache_policy=NO_CACHE)
@@ -160,7 +160,7 @@ def retrain(
             summary["bento"], summary["model"] = rec.get("bento"), rec.get("model")
 
             summary["step"] = "promote"
-            better, why = orch.decide_promotion(metrics, summary["champion"])
+            better, why = orch.decide_promotion(root_p, metrics, summary["champion"])
             if better:
                 summary["production_after"] = promote(r, rec["bento"])
                 summary["promotion"] = {"decision": f"promoted {rec['bento']}", "reasons": why}

@@ -79,6 +79,7 @@ def run(
     StepError when the command is missing or runs past `timeout` (the process group is killed).
     """
     env = tool_env()
+    env["COVID_CXR_ROOT"] = str(Path(cwd).resolve())  # `covid-cxr` works on this project, whatever the caller's env
     exe = shutil.which(cmd[0], path=env["PATH"])
     if exe is None:
         raise StepError(f"`{cmd[0]}` was not found on PATH ({env['PATH']})")
@@ -212,25 +213,31 @@ def dvc_repro(root: Path, target: str, log: Log | None = None, timeout: float | 
     return lines
 
 
-def run_gate(root: Path, log: Log | None = None, timeout: float | None = None) -> dict[str, Any]:
-    """`dvc repro gate`, then read artifacts/gate.json.
-
-    `covid-cxr gate` exits non-zero when the gate fails; that is a decision, not an error, so it
-    is returned as `{"passed": False, ...}`. Any other failure (no fresh gate.json) raises.
+def rebuild(root: Path, log: Log | None = None, timeout: float | None = None) -> bool:
+    """`dvc repro gate`: prepare, validate, train, evaluate, gate; only what changed (dvc.lock
+    records what ran). Returns True when the chain ran to the end, False when the only failure is
+    the gate's own verdict: `covid-cxr gate` exits non-zero on a failed gate, which is a decision
+    for the gate step, not a build error. Anything else raises.
     """
     paths = Paths(root)
     before = paths.gate.stat().st_mtime_ns if paths.gate.exists() else None
     try:
         dvc_repro(root, "gate", log=log, timeout=timeout)
-    except CommandFailed as e:
+    except CommandFailed:
         fresh = paths.gate.exists() and paths.gate.stat().st_mtime_ns != before
         gate = _read_json(paths.gate) if fresh else None
         if gate is None or gate.get("passed") is not False:
             raise
-        return gate
-    gate = _read_json(paths.gate)
-    if gate is None or "passed" not in gate:
-        raise StepError(f"{paths.gate} is missing or not a gate decision after `dvc repro gate`")
+        return False
+    return True
+
+
+def read_gate(root: Path) -> dict[str, Any]:
+    """The gate decision `dvc repro gate` left in artifacts/gate.json."""
+    path = Paths(root).gate
+    gate = _read_json(path)
+    if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):
+        raise StepError(f"{path} is missing or is not a gate decision")
     return gate
 
 
@@ -369,11 +376,15 @@ def package_bento(root: Path, log: Log | None = None, timeout: float | None = No
     return rec
 
 
-def decide_promotion(metrics: dict[str, Any], champion: dict[str, Any] | None) -> tuple[bool, list[str]]:
-    """package.is_better on the candidate's metrics vs production's (True when none is in production)."""
+def decide_promotion(root: Path | str, metrics: dict[str, Any], champion: dict[str, Any] | None) -> tuple[bool, list[str]]:
+    """package.is_better on the candidate's metrics vs production's, with params.yaml's
+    `gate.champion_tolerance` (the rule `covid-cxr promote` applies again when it runs)."""
     from . import package
+    from .config import load_params
 
-    better, reasons = package.is_better(metrics, champion_metrics(champion))
+    gate = load_params(Path(root) / "params.yaml").get("gate") or {}
+    tol = float(gate.get("champion_tolerance", package.DEFAULT_TOLERANCE))
+    better, reasons = package.is_better(metrics, champion_metrics(champion), tol)
     return bool(better), [str(r) for r in reasons]
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import (
+from flowkit import (
     GOOD_METRICS,
     STRICT_GATE,
     MAIN,

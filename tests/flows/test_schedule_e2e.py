@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (
+from flowkit import (
     MAIN,
     STRICT_GATE,
     api,
