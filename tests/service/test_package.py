@@ -1,0 +1,190 @@
+"""Packaging (gate check, model store, bentoml build) and the promotion rule."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import testmodel
+from conftest import base_env, run_cli
+from covid_cxr.config import Paths
+from covid_cxr.package import PackagingError, is_better, read_gate
+
+CHAMP = {"accuracy": 0.98, "macro_f1": 0.975, "covid_recall": 0.98}
+
+
+# ---------------------------------------------------------------- rule (unit)
+def test_nothing_in_production_promotes():
+    ok, why = is_better(CHAMP, None)
+    assert ok and "nothing in production" in why[0]
+
+
+def test_better_on_every_key_metric_promotes():
+    ok, why = is_better({"accuracy": 0.99, "macro_f1": 0.98, "covid_recall": 0.99}, CHAMP)
+    assert ok and "net improvement" in why[-1]
+
+
+def test_a_tie_keeps_the_champion():
+    ok, why = is_better(dict(CHAMP), CHAMP)
+    assert not ok and "no net improvement" in why[-1]
+
+
+def test_worse_model_is_not_better():
+    ok, _ = is_better({"accuracy": 0.97, "macro_f1": 0.97, "covid_recall": 0.97}, CHAMP)
+    assert not ok
+
+
+def test_small_drop_within_tolerance_with_net_gain_promotes():
+    ok, _ = is_better({"accuracy": 0.977, "macro_f1": 0.985, "covid_recall": 0.985}, CHAMP, tolerance=0.005)
+    assert ok
+
+
+def test_a_drop_beyond_tolerance_blocks_even_with_gains_elsewhere():
+    ok, why = is_better({"accuracy": 0.999, "macro_f1": 0.999, "covid_recall": 0.97}, CHAMP, tolerance=0.005)
+    assert not ok
+    assert any("covid_recall" in r and "tolerance" in r for r in why)
+
+
+def test_missing_metrics():
+    assert is_better({"accuracy": 0.99}, CHAMP)[0] is False
+    assert is_better(CHAMP, {"accuracy": "n/a"})[0] is True  # a champion without comparable metrics
+
+
+# ---------------------------------------------------------------- gate file (unit)
+@pytest.mark.parametrize("gate,msg", [
+    (None, "missing"),
+    ({"passed": False, "reasons": ["accuracy 0.5000 < 0.97"]}, "accuracy 0.5000 < 0.97"),
+    ({"passed": "true"}, "did not pass"),
+    ({"reasons": []}, "did not pass"),
+])
+def test_read_gate_refuses(tmp_path, gate, msg):
+    paths = Paths(tmp_path)
+    if gate is not None:
+        paths.gate.parent.mkdir(parents=True)
+        paths.gate.write_text(json.dumps(gate))
+    with pytest.raises(PackagingError, match=msg):
+        read_gate(paths)
+
+
+def test_read_gate_accepts_passed(tmp_path):
+    paths = Paths(tmp_path)
+    paths.gate.parent.mkdir(parents=True)
+    paths.gate.write_text(json.dumps({"passed": True, "reasons": []}))
+    assert read_gate(paths)["passed"] is True
+
+
+# ---------------------------------------------------------------- CLI + real BentoML store
+def store_listing(home: Path) -> list[str]:
+    return sorted(str(p.relative_to(home)) for p in home.glob("*/covid_cxr/*"))
+
+
+@pytest.mark.e2e
+def test_package_builds_a_bento_pinned_to_the_model(packaged, bentoml_home, test_model_dir):
+    rec = packaged["record"]
+    for k in ("bento", "model", "model_path", "metrics", "data_md5", "git_sha", "params_hash"):
+        assert rec.get(k), k
+    meta = json.loads((test_model_dir / "model.json").read_text())
+    name, ver = rec["model"].split(":")
+    model_dir = bentoml_home / "models" / name / ver
+    my = yaml.safe_load((model_dir / "model.yaml").read_text())
+    assert my["labels"]["gate"] == "passed"
+    assert my["labels"]["data_md5"] == meta["data_md5"]
+    assert my["labels"]["git_sha"] == meta["git_sha"]
+    assert my["labels"]["params_hash"] == rec["params_hash"]
+    assert my["metadata"]["metrics"]["accuracy"] == pytest.approx(rec["metrics"]["accuracy"])
+    for f in ("model.safetensors", "model.json", "ood.safetensors", "metrics.json", "gate.json"):
+        assert (model_dir / f).is_file(), f
+    assert (model_dir / "model.safetensors").read_bytes() == (test_model_dir / "model.safetensors").read_bytes()
+
+    bname, bver = rec["bento"].split(":")
+    bdir = bentoml_home / "bentos" / bname / bver
+    by = yaml.safe_load((bdir / "bento.yaml").read_text())
+    assert [m["tag"] for s in by["services"] for m in s["models"]] == [rec["model"]]
+    assert by["labels"]["gate"] == "passed" and by["labels"]["data_md5"] == meta["data_md5"]
+    for f in ("covid_cxr/service.py", "covid_cxr/preprocess.py", "covid_cxr/gradcam.py",
+              "covid_cxr/web/index.html", "covid_cxr/web/app.js"):
+        assert (bdir / "src" / f).is_file(), f
+    reqs = (bdir / "env" / "python" / "requirements.txt").read_text()
+    assert "torch==" in reqs and "bentoml==" in reqs
+
+
+@pytest.mark.e2e
+def test_failed_gate_refuses_and_changes_nothing(service_tmp, bentoml_home, test_model_dir, packaged):
+    root = testmodel.write_project(service_tmp / "proj-failed", test_model_dir, passed=False, accuracy=0.5)
+    prod = root / "artifacts" / "production.json"
+    shutil.copy2(packaged["root"] / "artifacts" / "production.json", prod)
+    before_prod = prod.read_bytes()
+    before_store = store_listing(bentoml_home)
+    r = run_cli(["package"], root, base_env(bentoml_home, root))
+    assert r.returncode == 1
+    assert "did not pass the evaluation gate" in r.stderr and "accuracy 0.5000 < 0.97" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (root / "artifacts" / "bento.json").exists()
+    assert prod.read_bytes() == before_prod
+    assert store_listing(bentoml_home) == before_store
+
+
+@pytest.mark.e2e
+def test_promotion_keeps_a_better_champion(service_tmp, bentoml_home, test_model_dir, packaged):
+    root = testmodel.write_project(service_tmp / "proj-promo", test_model_dir, passed=True,
+                                   accuracy=0.97, macro_f1=0.97, covid_recall=0.971)
+    env = base_env(bentoml_home, root)
+    prod = root / "artifacts" / "production.json"
+    shutil.copy2(packaged["root"] / "artifacts" / "production.json", prod)
+    champion = json.loads(prod.read_text())
+
+    # a worse candidate is packaged but does not replace production
+    r = run_cli(["package"], root, env)
+    assert r.returncode == 0, r.stderr
+    worse = json.loads((root / "artifacts" / "bento.json").read_text())
+    assert worse["bento"] != champion["bento"] and worse["model"] != champion["model"]
+    assert json.loads(prod.read_text())["bento"] == champion["bento"]
+    assert "production unchanged" in r.stdout
+
+    # nor does promoting it by hand, unless forced
+    r = run_cli(["promote", worse["bento"]], root, env)
+    assert r.returncode == 2 and json.loads(prod.read_text())["bento"] == champion["bento"]
+    r = run_cli(["promote", worse["bento"], "--force"], root, env)
+    assert r.returncode == 0, r.stderr
+    now = json.loads(prod.read_text())
+    assert now["bento"] == worse["bento"] and now["model"] == worse["model"]
+    assert now["history"][0]["bento"] == champion["bento"]
+
+    # and the better one (the original champion) wins it back on the rule
+    r = run_cli(["promote", champion["bento"]], root, env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(prod.read_text())["bento"] == champion["bento"]
+
+
+@pytest.mark.e2e
+def test_promote_refuses_a_model_that_failed_the_gate(service_tmp, bentoml_home, packaged):
+    """Even called directly, promote() checks the model's gate label in the store."""
+    root = service_tmp / "proj-gatefail"
+    (root / "artifacts").mkdir(parents=True)
+    code = f"""
+import bentoml, json
+from covid_cxr.config import Paths
+from covid_cxr.package import promote, PackagingError
+with bentoml.models.create("covid_cxr", labels={{"gate": "failed"}}) as m:
+    pass
+try:
+    promote(Paths({str(root)!r}), {packaged['bento']!r}, str(m.tag), {{"accuracy": 1.0}})
+except PackagingError as e:
+    print("REFUSED", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=base_env(bentoml_home, root), capture_output=True,
+                       text=True, timeout=120)
+    assert "REFUSED" in r.stdout and "did not pass" in r.stdout, r.stdout + r.stderr
+    assert not (root / "artifacts" / "production.json").exists()
+
+
+def test_serve_without_production_says_so(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    r = run_cli(["serve", "--port", "3999"], tmp_path, base_env(tmp_path / "bhome", tmp_path), timeout=60)
+    assert r.returncode == 1
+    assert "nothing is in production yet" in r.stderr

@@ -1,0 +1,110 @@
+"""The analysis page in a real browser (Debian chromium driven by Playwright) against the real server."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = ctx.new_page()
+    blocked = []
+    # the page must not need anything outside the server (offline machine, no CDN)
+    pg.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
+             or route.request.url.startswith("data:") else (blocked.append(route.request.url), route.abort()))
+    pg.goto(server.url + "/")
+    yield pg
+    ctx.close()
+    assert not blocked, f"the page asked for external resources: {blocked}"
+
+
+def enter_token(page):
+    from conftest import TOKEN
+
+    if not page.locator("#auth").evaluate("d => d.open"):
+        page.click("#auth summary")
+    page.fill("#token", TOKEN)
+    page.dispatch_event("#token", "change")
+
+
+def wait_report(page):
+    page.wait_for_selector("#report:not([hidden])", timeout=30_000)
+
+
+def test_upload_xray_shows_report(page, files, server, api):
+    enter_token(page)
+    page.set_input_files("#file", str(files["xray"]))
+    wait_report(page)
+    expected = api.post("/predict", files={"image": ("x.png", files["xray"].read_bytes(), "image/png")}).json()
+    assert page.text_content("#label") == expected["label"]
+    rows = page.locator("#probs tbody tr")
+    assert rows.count() == 3
+    table = {rows.nth(i).locator("td").nth(0).text_content(): float(rows.nth(i).locator("td").nth(1).text_content())
+             for i in range(3)}
+    assert set(table) == set(expected["probabilities"])
+    for cls, p in expected["probabilities"].items():
+        assert table[cls] == pytest.approx(100 * p, abs=0.01)
+    for img in ("#xray", "#heatmap"):
+        assert page.locator(img).evaluate("i => i.complete && i.naturalWidth > 0"), img
+        assert page.get_attribute(img, "src").startswith("data:image/png;base64,")
+    assert page.is_hidden("#ood-warning")
+    assert page.is_hidden("#error")
+    assert "not for diagnostic use" in page.text_content("body").lower()
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('covid_cxr')")
+    assert server.model in page.text_content("#model-info")
+
+
+def test_non_image_shows_error(page, files):
+    enter_token(page)
+    page.set_input_files("#file", str(files["text"]))
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    msg = page.text_content("#error")
+    assert "notes.txt" in msg and "not a readable image" in msg
+    assert page.is_hidden("#report")
+
+
+def test_out_of_distribution_warning(page, files):
+    enter_token(page)
+    page.set_input_files("#file", str(files["ood"]))
+    wait_report(page)
+    assert page.is_visible("#ood-warning")
+    assert "does not look like" in page.text_content("#ood-warning")
+
+
+def test_drag_and_drop(page, files):
+    enter_token(page)
+    data = list(files["xray"].read_bytes())
+    dt = page.evaluate_handle(
+        """([bytes, name]) => { const dt = new DataTransfer();
+             dt.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/png'})); return dt; }""",
+        [data, files["xray"].name])
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": dt})
+    wait_report(page)
+    assert page.text_content("#label") in ("COVID", "Normal", "Viral Pneumonia")
+
+
+def test_without_token_the_page_asks_for_it(page, files):
+    page.set_input_files("#file", str(files["xray"]))
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    assert "API token" in page.text_content("#error")
+    assert page.locator("#auth").evaluate("d => d.open")

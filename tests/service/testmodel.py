@@ -1,0 +1,114 @@
+"""A small but real model for the service tests (the trained artifact is not needed).
+
+ImageNet-pretrained mobilenet_v2 from the offline wheel, a head fitted for a few
+steps on pooled features of a handful of real X-rays (the first files of each class
+of /work/shared/incoming/batch-001), and an OOD model fitted on those same features.
+Saved with `model_io.save_model`, exactly like `train` does. Seconds on a CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from covid_cxr.config import CLASSES
+
+INCOMING = Path("/work/shared/incoming/batch-001")
+
+
+def real_images(n_per_class: int) -> list[tuple[Path, int]]:
+    """The first n images of each class of the incoming batch (else of data/, if pulled)."""
+    from covid_cxr.config import Paths
+
+    out: list[tuple[Path, int]] = []
+    for ci, c in enumerate(CLASSES):
+        d = INCOMING / c
+        if not d.is_dir():
+            d = Paths().dataset / c / "images"
+        files = sorted(d.glob("*.png"))[:n_per_class]
+        if not files:
+            raise FileNotFoundError(f"no images for class {c} in {d}")
+        out += [(f, ci) for f in files]
+    return out
+
+
+def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12, seed: int = 0) -> Path:
+    import torch
+
+    from covid_cxr import model_io, models
+    from covid_cxr.preprocess import load_gray
+
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    net = models.build("mobilenet_v2", pretrained=True).eval()
+    items = real_images(n_per_class)
+    grays = np.stack([load_gray(p, image_size) for p, _ in items])
+    labels = np.array([y for _, y in items])
+    meta = {
+        "image_size": image_size,
+        "normalize": {"mean": list(models.IMAGENET.mean), "std": list(models.IMAGENET.std)},
+        "temperature": 1.5,
+    }
+    lm = model_io.LoadedModel(net=net, meta=meta, channels_last=False)
+    with torch.no_grad():
+        feats = net.features(lm.to_input(grays))
+    # A few full-batch steps on the head only: enough for non-trivial outputs.
+    head = net.head
+    head.train()
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    y = torch.as_tensor(labels)
+    for _ in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(feats), y)
+        loss.backward()
+        opt.step()
+    head.eval()
+    # Threshold a little above the fitted images' own scores: those are in distribution by
+    # construction, and synthetic non-X-rays score well above it (checked by the fixtures).
+    ood = model_io.OodModel.fit(feats.numpy(), labels, n_components=32)
+    ood.threshold = float(ood.score(feats).max() * 1.2)
+    meta.update(
+        {
+            "data_md5": "0123456789abcdef0123456789abcdef.dir",
+            "git_sha": "feedc0de" * 5,
+            "params": {"arch": "mobilenet_v2", "size": image_size, "profile": "test"},
+            "trained_at": "2024-01-01T00:00:00+00:00",
+        }
+    )
+    model_io.save_model(net, meta, out_dir, ood=ood)
+    return out_dir
+
+
+def metrics(accuracy: float = 0.98, macro_f1: float = 0.975, covid_recall: float = 0.98) -> dict:
+    return {
+        "accuracy": accuracy,
+        "macro_f1": macro_f1,
+        "covid_recall": covid_recall,
+        "covid_specificity": 0.99,
+        "ece_before": 0.04,
+        "ece_after": 0.015,
+        "per_class": {c: {"precision": 0.98, "recall": 0.98, "f1": 0.98, "support": 100} for c in CLASSES},
+        "roc_auc": {c: 0.995 for c in CLASSES},
+        "ood_false_flag_rate": 0.01,
+        "n_test": 300,
+    }
+
+
+def write_project(root: Path, model_src: Path | None = None, passed: bool = True, **metric_kw) -> Path:
+    """A minimal project tree: params.yaml, artifacts/model, eval/metrics.json, gate.json."""
+    import shutil
+
+    root = Path(root)
+    (root / "artifacts" / "eval").mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text("train:\n  profile: smoke\n")
+    if model_src is not None:
+        dst = root / "artifacts" / "model"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(model_src, dst)
+    m = metrics(**metric_kw)
+    (root / "artifacts" / "eval" / "metrics.json").write_text(json.dumps(m, indent=2))
+    gate = {"passed": passed, "reasons": [] if passed else ["accuracy 0.5000 < 0.97"], "metrics": m, "champion": None}
+    (root / "artifacts" / "gate.json").write_text(json.dumps(gate, indent=2))
+    return root
