@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from .config import KAGGLE_ROOT
-from .imagecheck import Limits, StatsCache, check_batch, default_cache_dir, scan_source, sha256_file, skip_kind
+from .imagecheck import Limits, StatsCache, check_batch, default_cache_dir, scan_source, sha256_file, skip_kind, skipped_line
 
 
 def _data_shas(data_dir: Path) -> dict[str, Path]:
@@ -143,8 +143,7 @@ def register(app, data_app) -> None:
         data_dir = data_dir or Paths().data
         res = import_source(src, data_dir, check=check, progress=True)
         if res["skipped"]:
-            parts = ", ".join(f"{k} ({v})" for k, v in sorted(res["skipped"].items()))
-            typer.echo(f"Skipped, not part of this dataset: {parts}.")
+            typer.echo(skipped_line(res["skipped"]))
         typer.echo(
             f"Added {len(res['added'])}, skipped {len(res['skipped_identical'])} already in data/, "
             f"{len(res['conflicts'])} name conflicts kept under a new name, "

@@ -202,7 +202,7 @@ def register(app, data_app) -> None:
     @app.command("prepare")
     def prepare_cmd(
         cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse per-file stats from .cache/covid_cxr/."),
-        workers: int = typer.Option(None, help="Decode processes [default: $COVID_CXR_WORKERS or 1]."),
+        workers: int = typer.Option(None, help="Decode processes [default: $COVID_CXR_WORKERS, else one per core]."),
     ) -> None:
         """Stage prepare: image stats, near-duplicate groups and the train/valid/test split -> manifest.csv."""
         paths = Paths()

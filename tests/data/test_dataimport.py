@@ -133,7 +133,8 @@ def test_cli_import_with_check_and_next_step(project, tmp_path):
     fx.text_file(src / KAGGLE / "COVID" / "images" / "notes.png")  # rejected by --check
     r = CliRunner().invoke(app, ["data", "import", str(src), "--check"])
     assert r.exit_code == 0, r.output
-    assert "Skipped, not part of this dataset: *.xlsx (2), Lung_Opacity/ (1), README/licence (1), masks/ (1)." in r.output
+    assert ("Skipped, not part of this dataset: *.xlsx (2 files), Lung_Opacity/ (1 file), README/licence (1 file), "
+            "masks/ (1 file).") in r.output
     assert "Added 3" in r.output and "1 rejected by the check" in r.output
     assert "dvc add data && dvc push" in r.output
     assert "COVID/images/notes.png" not in images_in(project / "data")

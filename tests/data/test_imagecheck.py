@@ -283,3 +283,22 @@ def test_cache_is_keyed_by_the_code_too(data_dir, monkeypatch):
     assert len(calls) == 6  # nothing reused
     [second] = ic.default_cache_dir(data_dir).glob("imagestats-*.json")
     assert second != first  # and the stale cache file is gone
+
+
+def test_compute_stats_process_pool_gives_the_serial_result(tmp_path, monkeypatch):
+    files = [fx.png_gray(tmp_path / f"{i}.png", size=64, seed=i) for i in range(20)]
+    files.append(fx.zero_bytes(tmp_path / "zero.png"))
+    serial = ic.compute_stats(files, LIMITS.max_pixels, workers=1)
+    pools = []
+
+    class Spy(ic.ProcessPoolExecutor):
+        def __init__(self, *a, **kw):
+            pools.append(a)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(ic, "ProcessPoolExecutor", Spy)
+    monkeypatch.setattr(ic, "POOL_MIN_FILES", 8)
+    monkeypatch.setattr(ic.threading, "active_count", lambda: 1)  # pytest may run helper threads
+    assert ic.compute_stats(files, LIMITS.max_pixels, workers=2) == serial
+    assert pools == [(2,)]
+    assert serial[-1]["error"] == "empty"
