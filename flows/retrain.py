@@ -79,8 +79,9 @@ def package(root: str) -> dict[str, Any]:
 
 
 @task(name="promote", retries=0, cache_policy=NO_CACHE)
-def promote(root: str, bento: str) -> dict[str, Any]:
-    return orch.promote(Path(root), bento, log=_log())
+def promote(root: str, bento: str, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Make the Bento the production one (artifacts/production.json)."""
+    return orch.promote(Path(root), bento, model, metrics)
 
 
 @task(name="summary", retries=1, retry_delay_seconds=[2.0], cache_policy=NO_CACHE)
@@ -144,15 +145,18 @@ def retrain(
         summary["step"] = "gate"
         decision = gate(r)
         summary["gate"] = decision
+        summary["metrics"] = orch.eval_metrics(root_p)
         if not decision.get("passed"):
             reasons = "; ".join(decision.get("reasons") or []) or "no reasons given"
             raise orch.StepError(f"gate failed, production unchanged: {reasons}")
 
         metrics = decision.get("metrics") or {}
-        if orch.same_as_champion(metrics, summary["champion"]):
+        # the champion as the gate saw it: production's model re-scored on this test split
+        champion = decision.get("champion") or summary["champion"]
+        if orch.same_as_champion(root_p, metrics, summary["champion"]):
             summary["promotion"] = {
                 "decision": "kept the champion",
-                "reasons": ["the candidate is the model in production (identical test metrics): nothing to package"],
+                "reasons": ["the candidate is the model already in production: nothing to package"],
             }
         else:
             summary["step"] = "package"
@@ -160,9 +164,9 @@ def retrain(
             summary["bento"], summary["model"] = rec.get("bento"), rec.get("model")
 
             summary["step"] = "promote"
-            better, why = orch.decide_promotion(root_p, metrics, summary["champion"])
+            better, why = orch.decide_promotion(root_p, metrics, champion)
             if better:
-                summary["production_after"] = promote(r, rec["bento"])
+                summary["production_after"] = promote(r, rec["bento"], rec["model"], rec.get("metrics") or metrics)
                 summary["promotion"] = {"decision": f"promoted {rec['bento']}", "reasons": why}
             else:
                 summary["promotion"] = {"decision": "kept the champion (candidate is not better)", "reasons": why}

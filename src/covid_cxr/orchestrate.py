@@ -241,6 +241,11 @@ def read_gate(root: Path) -> dict[str, Any]:
     return gate
 
 
+def eval_metrics(root: Path | str) -> dict[str, Any]:
+    """artifacts/eval/metrics.json (every test metric), or {}."""
+    return _read_json(Paths(root).eval_dir / "metrics.json") or {}
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(Path(path).read_text())
@@ -355,9 +360,26 @@ def champion_metrics(champion: dict[str, Any] | None) -> dict[str, Any] | None:
     return m if isinstance(m, dict) else None
 
 
-def same_as_champion(metrics: dict[str, Any], champion: dict[str, Any] | None) -> bool:
-    """True when the candidate's key test metrics equal production's exactly: it is the model
-    already in production (an unchanged pipeline), so there is nothing to package or promote."""
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def same_as_champion(root: Path | str, metrics: dict[str, Any], champion: dict[str, Any] | None) -> bool:
+    """Is the candidate the model already in production (an unchanged pipeline)? Then there is
+    nothing to package or promote. Decided on the weights when production's model files are at
+    hand (`model_path`), else on identical key test metrics."""
+    if not champion:
+        return False
+    weights = Paths(root).model_dir / "model.safetensors"
+    prod_path = champion.get("model_path")
+    if prod_path and (Path(prod_path) / "model.safetensors").is_file():
+        a, b = _sha256(weights), _sha256(Path(prod_path) / "model.safetensors")
+        return a is not None and a == b
     cm = champion_metrics(champion)
     if not cm or not metrics:
         return False
@@ -377,8 +399,9 @@ def package_bento(root: Path, log: Log | None = None, timeout: float | None = No
 
 
 def decide_promotion(root: Path | str, metrics: dict[str, Any], champion: dict[str, Any] | None) -> tuple[bool, list[str]]:
-    """package.is_better on the candidate's metrics vs production's, with params.yaml's
-    `gate.champion_tolerance` (the rule `covid-cxr promote` applies again when it runs)."""
+    """package.is_better on the candidate's test metrics vs the champion's, with params.yaml's
+    `gate.champion_tolerance`. `champion` should be gate.json's: the production model re-scored
+    on this same test split (a grown dataset has a new split, so recorded metrics are stale)."""
     from . import package
     from .config import load_params
 
@@ -388,12 +411,15 @@ def decide_promotion(root: Path | str, metrics: dict[str, Any], champion: dict[s
     return bool(better), [str(r) for r in reasons]
 
 
-def promote(root: Path, bento_tag: str, log: Log | None = None) -> dict[str, Any]:
-    """`covid-cxr promote TAG`; returns the new production record."""
-    run(["covid-cxr", "promote", bento_tag], root, log=log)
+def promote(root: Path | str, bento: str, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """package.promote (checks the model passed the gate, then writes production.json, atomically);
+    returns the new production record."""
+    from . import package
+
+    package.promote(Paths(root), bento, model, metrics)
     rec = production(root)
-    if not rec or rec.get("bento") != bento_tag:
-        raise StepError(f"`covid-cxr promote {bento_tag}` ran but production.json does not name it")
+    if not rec or rec.get("bento") != bento:
+        raise StepError(f"promoting {bento} did not update {Paths(root).production}")
     return rec
 
 
@@ -451,11 +477,16 @@ def summary_markdown(s: dict[str, Any]) -> str:
     gate = s.get("gate")
     out += ["## Test metrics vs champion", ""]
     if gate:
-        m = gate.get("metrics") or {}
+        m = {**(s.get("metrics") or {}), **(gate.get("metrics") or {})}
         cm = champion_metrics(gate.get("champion") if gate.get("champion") is not None else s.get("champion")) or {}
         keys = [k for k in KEY_METRICS if k in m or k in cm] or sorted(m)
         out += ["| metric | candidate | champion |", "|---|---:|---:|"]
         out += [f"| {k} | {_fmt(m.get(k))} | {_fmt(cm.get(k))} |" for k in keys]
+        gc = gate.get("champion")
+        if cm:
+            how = ("re-scored on this run's test split" if isinstance(gc, dict) and gc.get("rescored")
+                   else "as recorded when it was promoted")
+            out += ["", f"Champion `{(gc or s.get('champion') or {}).get('bento')}`: {how}."]
         out += ["", f"## Gate: {'PASSED' if gate.get('passed') else 'FAILED'}", ""]
         out += [f"- {r}" for r in gate.get("reasons") or []] or ["- (no reasons given)"]
         out.append("")

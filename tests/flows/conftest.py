@@ -22,4 +22,9 @@ def fake_project(tmp_path, monkeypatch) -> Project:
     monkeypatch.setenv("PATH", proj.env["PATH"])
     for k in ("COVID_CXR_ROOT", "BENTOML_HOME", "BENTOML_DO_NOT_TRACK"):
         monkeypatch.setenv(k, proj.env[k])
+    from covid_cxr import package
+
+    import fake_stages
+
+    monkeypatch.setattr(package, "promote", fake_stages.fake_promote)
     return proj

@@ -3,10 +3,10 @@
 The tests run REAL dvc and a REAL Prefect server over a temp project whose dvc.yaml calls
 this script instead of `covid-cxr <stage>`, so that a "training" takes milliseconds (or waits
 to be killed) and the metrics the gate sees are set in params.yaml (`fake.metrics`).
-Also acts as the `covid-cxr` command for `package --no-promote` and `promote TAG`.
+Also acts as `covid-cxr package --no-promote`, and `fake_promote` replaces package.promote.
 
     python fake_stages.py prepare|validate|train|evaluate|gate
-    python fake_stages.py --cli package --no-promote | promote TAG  (as `covid-cxr`, via a wrapper on PATH)
+    python fake_stages.py --cli package --no-promote   (as `covid-cxr`, via a wrapper on PATH)
 """
 from __future__ import annotations
 
@@ -96,31 +96,31 @@ def gate() -> int:
             ok &= good
             reasons.append(f"{key} vs champion {champ['metrics'][key]:.4f}: {'ok' if good else 'FAIL'}")
     write(ART / "gate.json", {"passed": ok, "reasons": reasons, "metrics": m,
-                              "champion": champ["metrics"] if champ else None})
+                              "champion": {"bento": champ["bento"], "metrics": champ["metrics"]} if champ else None})
     return 0 if ok else 1
 
 
 def cli(argv: list[str]) -> int:
-    """The fake `covid-cxr` command (only what the flow calls)."""
+    """The fake `covid-cxr package --no-promote`: a "Bento" record, no BentoML build."""
     if argv[:2] == ["package", "--no-promote"]:
         g = json.loads((ART / "gate.json").read_text())
         if not g["passed"]:
             print("gate did not pass", file=sys.stderr)
             return 1
         digest = hashlib.sha256((ART / "model" / "model.safetensors").read_bytes()).hexdigest()[:12]
-        rec = {"bento": f"covid_cxr:{digest}", "model": f"covid_cxr_model:{digest}"}
+        rec = {"bento": f"covid_cxr:{digest}", "model": f"covid_cxr_model:{digest}",
+               "metrics": json.loads((ART / "eval" / "metrics.json").read_text())}
         write(ART / "bento.json", rec)
-        (ROOT / ".bentos").mkdir(exist_ok=True)
-        write(ROOT / ".bentos" / f"{digest}.json", {**rec, "metrics": g["metrics"]})
         print(json.dumps(rec))
-        return 0
-    if argv[:1] == ["promote"] and len(argv) == 2:
-        digest = argv[1].split(":")[1]
-        rec = json.loads((ROOT / ".bentos" / f"{digest}.json").read_text())
-        write(ART / "production.json", {**rec, "model_path": "", "promoted_at": dt.datetime.now().isoformat()})
         return 0
     print(f"fake covid-cxr: unsupported {argv}", file=sys.stderr)
     return 2
+
+
+def fake_promote(paths, bento_tag: str, model_tag: str, metrics: dict) -> None:
+    """Stands in for package.promote (which needs the model in a BentoML store)."""
+    write(Path(paths.production), {"bento": bento_tag, "model": model_tag, "model_path": "",
+                                   "metrics": metrics, "promoted_at": dt.datetime.now().isoformat()})
 
 
 if __name__ == "__main__":

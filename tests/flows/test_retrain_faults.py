@@ -106,7 +106,7 @@ def test_rerun_of_same_batch_is_idempotent(prefect_api, fake_project, tmp_path):
     assert fake_project.images() == images
     assert fake_project.production.read_bytes() == prod  # same model: nothing new promoted
     md = summary_artifacts(prefect_api, flow_run_id(state))[0]["data"]
-    assert "| batch-test | 6 | 0 | 3 |" in md and "identical test metrics" in md
+    assert "| batch-test | 6 | 0 | 3 |" in md and "already in production: nothing to package" in md
 
 
 def test_failed_gate_keeps_the_champion(prefect_api, fake_project, tmp_path):
