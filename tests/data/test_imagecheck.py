@@ -302,3 +302,13 @@ def test_compute_stats_process_pool_gives_the_serial_result(tmp_path, monkeypatc
     assert ic.compute_stats(files, LIMITS.max_pixels, workers=2) == serial
     assert pools == [(2,)]
     assert serial[-1]["error"] == "empty"
+
+
+def test_compute_stats_never_forks_a_threaded_process(tmp_path, monkeypatch):
+    files = [fx.png_gray(tmp_path / f"{i}.png", size=64, seed=i) for i in range(10)]
+    monkeypatch.setattr(ic, "POOL_MIN_FILES", 4)
+    monkeypatch.setattr(ic.threading, "active_count", lambda: 3)  # e.g. inside a Prefect worker
+    monkeypatch.setattr(ic, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("forked from a threaded process"))
+    assert [s["sha256"] for s in ic.compute_stats(files, LIMITS.max_pixels, workers=4)] == [
+        ic.sha256_file(f) for f in files
+    ]
