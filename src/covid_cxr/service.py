@@ -216,7 +216,12 @@ class Overloaded(RuntimeError):
 
 
 class Batcher:
-    """Adaptive batching of (N,S,S) uint8 arrays through BentoML's CorkDispatcher."""
+    """Adaptive batching of (N,S,S) uint8 arrays through BentoML's CorkDispatcher.
+
+    Each job is one request's images. The dispatcher merges queued jobs (splitting one
+    across two batches when needed) and hands back, per job, a float array with one row
+    per image: [p(class) x C, ood_score (nan if no OOD model), in_distribution (0/1), batch size].
+    """
 
     def __init__(self, fn: Any, max_batch_size: int, max_latency_ms: int) -> None:
         from bentoml._internal.marshal.dispatcher import CorkDispatcher
@@ -235,18 +240,26 @@ class Batcher:
         )
         self._call = self._cork(self._run)
 
-    def _run(self, batches: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    def _run(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
         x = np.concatenate(batches) if len(batches) > 1 else batches[0]
         out = self.fn(x)
         n = len(x)
         self.sizes[n] += 1
+        ood = out.get("ood_score")
+        ind = out.get("in_distribution")
+        rows = np.concatenate([
+            out["probs"].astype(np.float64),
+            (ood if ood is not None else np.full(n, np.nan)).astype(np.float64)[:, None],
+            (ind if ind is not None else np.ones(n, bool)).astype(np.float64)[:, None],
+            np.full((n, 1), n, np.float64),
+        ], axis=1)
         res, i = [], 0
         for b in batches:
-            res.append({**{k: v[i:i + len(b)] for k, v in out.items()}, "batch_size": n})
+            res.append(rows[i:i + len(b)])
             i += len(b)
         return res
 
-    async def __call__(self, x: np.ndarray) -> dict[str, Any]:
+    async def __call__(self, x: np.ndarray) -> np.ndarray:
         return await self._call(x)
 
     def shutdown(self) -> None:
@@ -446,25 +459,26 @@ class CovidCxr:
             self._decode_limiter = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
         return [await anyio.to_thread.run_sync(self._decode, p, limiter=self._decode_limiter) for p in paths]
 
-    def _result(self, out: dict[str, Any], i: int) -> dict[str, Any]:
-        probs = out["probs"][i]
-        res = {
+    def _result(self, row: np.ndarray) -> dict[str, Any]:
+        c = len(CLASSES)
+        probs, ood = row[:c], row[c]
+        return {
             "label": CLASSES[int(np.argmax(probs))],
-            "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, probs)},
-            "in_distribution": bool(out["in_distribution"][i]) if "in_distribution" in out else True,
-            "ood_score": round(float(out["ood_score"][i]), 4) if "ood_score" in out else None,
+            "probabilities": {k: round(float(p), 6) for k, p in zip(CLASSES, probs)},
+            "in_distribution": bool(row[c + 1]),
+            "ood_score": None if np.isnan(ood) else round(float(ood), 4),
             "model": self.model_tag,
         }
-        return res
 
     async def _classify(self, grays: Sequence[np.ndarray]) -> tuple[list[dict[str, Any]], int]:
+        """-> (one result per image, the largest forward batch they were part of)."""
         s = self.model.size
         x = np.stack([resize_gray(g, s) for g in grays])
         try:
-            out = await self.batcher(x)
+            rows = await self.batcher(x)
         except ServiceUnavailable as e:
             raise Overloaded(str(e)) from None
-        return [self._result(out, i) for i in range(len(grays))], int(out["batch_size"])
+        return [self._result(r) for r in rows], int(rows[:, -1].max())
 
     # ---------- API ----------
     @bentoml.api(route="/predict")
@@ -562,9 +576,10 @@ class CovidCxr:
         """Model card fields for /metadata: model.json + the evaluation stored with the model."""
         meta = _read_json(self.model_dir / "model.json") or {}
         md = self.store_info.get("metadata", {})
-        metrics = md.get("metrics") or _read_json(self.model_dir / "metrics.json") \
+        # the store copy (packaged model) first; a dev directory's project files next
+        metrics = _read_json(self.model_dir / "metrics.json") or md.get("metrics") \
             or _read_json(self.model_dir.parent / "eval" / "metrics.json")
-        gate = md.get("gate") or _read_json(self.model_dir / "gate.json") \
+        gate = _read_json(self.model_dir / "gate.json") or md.get("gate") \
             or _read_json(self.model_dir.parent / "gate.json")
         return {
             "name": MODEL_NAME,

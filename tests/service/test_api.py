@@ -172,3 +172,16 @@ def test_concurrent_predictions_are_batched_and_correct(api, server, train_image
     assert max(sizes) > 1, f"8 concurrent clients were never batched together: {sizes}"
     seen = api.get("/metadata").json()["batching"]["batch_sizes_seen"]
     assert any(int(k) > 1 for k in seen)
+
+
+def test_batch_larger_than_the_max_batch_is_split_and_reassembled(server, api, train_images):
+    """20 files > max_batch_size 16: the dispatcher splits the job; results stay in order."""
+    paths = train_images[:20]
+    r = api.post("/predict_batch", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in paths])
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out) == 20
+    ref = local_predict(server.model_dir, paths)
+    got = np.array([[res["probabilities"][c] for c in CLASSES] for res in out])
+    np.testing.assert_allclose(got, ref["probs"], atol=1e-4)
+    assert int(r.headers["x-batch-size"]) <= 16
