@@ -32,6 +32,19 @@ STAGE_MODULES = (
     "serving",
 )
 
+@app.callback()
+def _main() -> None:
+    """Print each command's wall time when it ends, so `dvc repro` logs show per-stage cost."""
+    import atexit
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    cmd = " ".join(a for a in sys.argv[1:] if not a.startswith("-"))[:60]
+    atexit.register(lambda: typer.secho(f"⏱  covid-cxr {cmd}: {time.perf_counter() - t0:.1f} s wall",
+                                        fg=typer.colors.BRIGHT_BLACK, err=True))
+
+
 for _name in STAGE_MODULES:
     try:
         _mod = importlib.import_module(f"covid_cxr.{_name}")

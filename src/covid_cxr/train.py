@@ -229,19 +229,29 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
                 g.eval()
 
     history: list[dict[str, float]] = []
-    if int(cfg["unfrozen_epochs"]) > 0:
-        with _timed(f"unfrozen phase (top {k} of {len(groups)} groups)", timings):
-            dls = image_dls(cache, labels, tr, va, cfg, norm)
+    lr = float(cfg["lr_max"])
+    final_size = int(cfg.get("final_size") or size)
+    stages = [(size, int(cfg["unfrozen_epochs"]), lr)]
+    if final_size != size and int(cfg.get("final_epochs", 0)) > 0:  # progressive resizing
+        stages.append((final_size, int(cfg["final_epochs"]), lr * float(cfg.get("final_lr_scale", 0.5))))
+    for st_size, epochs, st_lr in stages:
+        if epochs <= 0:
+            continue
+        with _timed(f"unfrozen phase @ {st_size}px (top {k} of {len(groups)} groups, {epochs} epochs)", timings):
+            st_cache = cache if st_size == size else decoded(df, st_size, paths.root, paths.cache,
+                                                              workers=os.cpu_count() or 1)
+            dls = image_dls(st_cache, labels, tr, va, cfg, norm)
             learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
                             splitter=lambda m: m.param_groups(), train_bn=False, cbs=[FrozenInEval()])
             learn.freeze_to(-(k + 1))
             if cfg.get("compile"):
                 learn.model = torch.compile(learn.model)
-            lr = float(cfg["lr_max"])
-            learn.fit_one_cycle(int(cfg["unfrozen_epochs"]), lr_max=slice(lr / float(cfg["lr_div"]), lr))
-            for i, row in enumerate(learn.recorder.values):
-                history.append({"epoch": i, "train_loss": float(row[0]), "valid_loss": float(row[1]),
-                                "valid_accuracy": float(row[2])})
+            learn.fit_one_cycle(epochs, lr_max=slice(st_lr / float(cfg["lr_div"]), st_lr))
+            for row in learn.recorder.values:
+                history.append({"epoch": len(history), "size": st_size, "train_loss": float(row[0]),
+                                "valid_loss": float(row[1]), "valid_accuracy": float(row[2])})
+    if final_size != size:
+        cache, size = decoded(df, final_size, paths.root, paths.cache, workers=os.cpu_count() or 1), final_size
 
     # ---- Calibration and OOD, on the final network --------------------------------------------
     with _timed("temperature + OOD fit", timings):
