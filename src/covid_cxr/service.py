@@ -220,7 +220,8 @@ class Batcher:
 
     Each job is one request's images. The dispatcher merges queued jobs (splitting one
     across two batches when needed) and hands back, per job, a float array with one row
-    per image: [p(class) x C, ood_score (nan if no OOD model), in_distribution (0/1), batch size].
+    per image: [p(class) x C, ood_score (nan if no OOD model), in_distribution (0/1),
+    forward ms, batch size].
     """
 
     def __init__(self, fn: Any, max_batch_size: int, max_latency_ms: int) -> None:
@@ -242,7 +243,9 @@ class Batcher:
 
     def _run(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
         x = np.concatenate(batches) if len(batches) > 1 else batches[0]
+        t0 = time.perf_counter()
         out = self.fn(x)
+        ms = 1000 * (time.perf_counter() - t0)
         n = len(x)
         self.sizes[n] += 1
         ood = out.get("ood_score")
@@ -251,6 +254,7 @@ class Batcher:
             out["probs"].astype(np.float64),
             (ood if ood is not None else np.full(n, np.nan)).astype(np.float64)[:, None],
             (ind if ind is not None else np.ones(n, bool)).astype(np.float64)[:, None],
+            np.full((n, 1), ms, np.float64),
             np.full((n, 1), n, np.float64),
         ], axis=1)
         res, i = [], 0
@@ -470,15 +474,33 @@ class CovidCxr:
             "model": self.model_tag,
         }
 
-    async def _classify(self, grays: Sequence[np.ndarray]) -> tuple[list[dict[str, Any]], int]:
+    async def _classify(self, grays: Sequence[np.ndarray], timing: dict[str, float] | None = None
+                        ) -> tuple[list[dict[str, Any]], int]:
         """-> (one result per image, the largest forward batch they were part of)."""
         s = self.model.size
         x = np.stack([resize_gray(g, s) for g in grays])
+        t0 = time.perf_counter()
         try:
             rows = await self.batcher(x)
         except ServiceUnavailable as e:
             raise Overloaded(str(e)) from None
+        if timing is not None:
+            fwd = float(rows[:, -2].max())
+            timing["model"] = fwd
+            timing["queue"] = max(0.0, 1000 * (time.perf_counter() - t0) - fwd)
         return [self._result(r) for r in rows], int(rows[:, -1].max())
+
+    async def _decode_all(self, paths: Sequence[Path], timing: dict[str, float]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        grays = await self._grays(paths)
+        timing["decode"] = 1000 * (time.perf_counter() - t0)
+        return grays
+
+    @staticmethod
+    def _headers(n: int, timing: dict[str, float]) -> dict[str, str]:
+        """X-Batch-Size, and Server-Timing (decode / queue / model, ms) for operators and benchmarks."""
+        return {"X-Batch-Size": str(n),
+                "Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in timing.items())}
 
     # ---------- API ----------
     @bentoml.api(route="/predict")
@@ -486,14 +508,15 @@ class CovidCxr:
         """Classify one chest X-ray (multipart field `image`: PNG, JPEG, BMP, TIFF, WebP; any size)."""
         if not self.ready:
             return self._not_ready()
+        timing: dict[str, float] = {}
         try:
-            (gray,) = await self._grays([image])
-            (res,), n = await self._classify([gray])
+            (gray,) = await self._decode_all([image], timing)
+            (res,), n = await self._classify([gray], timing)
         except ImageError as e:
             return error_response(e.code, e.message)
         except Overloaded as e:
             return error_response("overloaded", str(e), 503)
-        return JSONResponse(res, headers={"X-Batch-Size": str(n)})
+        return JSONResponse(res, headers=self._headers(n, timing))
 
     @bentoml.api(route="/predict_batch")
     async def predict_batch(self, images: list[Path]) -> list[dict]:
@@ -505,17 +528,20 @@ class CovidCxr:
         if len(images) > self.limits.max_files:
             return error_response("too_many_files",
                                   f"{len(images)} files; at most {self.limits.max_files} per request")
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
         grays = []
         for i, p in enumerate(images):
             try:
                 grays += await self._grays([p])
             except ImageError as e:
                 return error_response(e.code, f"file #{i + 1}: {e.message}", index=i)
+        timing["decode"] = 1000 * (time.perf_counter() - t0)
         try:
-            res, n = await self._classify(grays)
+            res, n = await self._classify(grays, timing)
         except Overloaded as e:
             return error_response("overloaded", str(e), 503)
-        return JSONResponse(res, headers={"X-Batch-Size": str(n)})
+        return JSONResponse(res, headers=self._headers(n, timing))
 
     @bentoml.api(route="/explain")
     async def explain(self, image: Path) -> dict:

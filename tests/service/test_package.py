@@ -188,3 +188,14 @@ def test_serve_without_production_says_so(tmp_path):
     r = run_cli(["serve", "--port", "3999"], tmp_path, base_env(tmp_path / "bhome", tmp_path), timeout=60)
     assert r.returncode == 1
     assert "nothing is in production yet" in r.stderr
+
+
+def test_serve_with_a_missing_bento_or_model_dir_says_so(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "production.json").write_text(json.dumps({"bento": "covid_cxr:doesnotexist"}))
+    env = base_env(tmp_path / "bhome", tmp_path)
+    r = run_cli(["serve", "--port", "3999"], tmp_path, env, timeout=120)
+    assert r.returncode == 1 and "not in the BentoML store" in r.stderr
+    r = run_cli(["serve", "--model-dir", str(tmp_path)], tmp_path, env, timeout=60)
+    assert r.returncode == 1 and "no model.json" in r.stderr

@@ -1,0 +1,262 @@
+"""Benchmark the prediction service against the same model run in-process.
+
+Starts a real `bentoml serve` on loopback (a free port), then, phase by phase:
+  * single-request latency (sequential POST /predict): p50 / p95,
+  * throughput at client concurrency 1, 4 and 8 (requests/s),
+and, in the same run while the server sits idle, the in-process numbers of the same model
+with the same torch thread count:
+  * one raw forward pass (batch 1, pre-decoded input): p50,
+  * batched forward throughput at batch = concurrency (images/s), and the same including
+    decoding + resizing of the PNG bytes ("pipeline").
+Prints API / in-process ratios: throughput at concurrency 8 (target >= 0.8) and single-request
+p50 vs one raw forward pass (target <= 1.5x). Every loop is bounded; nothing leaves loopback.
+
+    .venv/bin/python bench/bench_service.py                        # production Bento, else artifacts/model
+    .venv/bin/python bench/bench_service.py --model-dir artifacts/model
+    .venv/bin/python bench/bench_service.py --bento covid_cxr:<version> --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from covid_cxr.config import CLASSES, Paths  # noqa: E402
+
+INCOMING = Path("/work/shared/incoming/batch-001")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_target(args) -> tuple[list[str], dict[str, str], Path, str]:
+    """-> (serve target args, extra env, model directory for the in-process side, label)."""
+    if args.model_dir:
+        d = Path(args.model_dir).resolve()
+        return ["covid_cxr.service:CovidCxr"], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"dir {d}"
+    import bentoml
+
+    tag = args.bento
+    if not tag:
+        prod = Paths().production
+        if prod.is_file():
+            tag = json.loads(prod.read_text())["bento"]
+        elif (Paths().model_dir / "model.json").is_file():
+            d = Paths().model_dir.resolve()
+            return ["covid_cxr.service:CovidCxr"], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"dir {d}"
+        else:
+            sys.exit("nothing to benchmark: no production Bento and no artifacts/model (use --model-dir)")
+    bento = bentoml.get(tag)
+    model_tag = next(iter(bento.info.all_models)).tag
+    return [str(bento.tag)], {}, Path(bentoml.models.get(model_tag).path), f"bento {bento.tag}"
+
+
+def load_images(src: Path | None, n: int) -> list[bytes]:
+    dirs = [src] if src else [INCOMING, Paths().dataset]
+    for d in dirs:
+        if d and d.is_dir():
+            files = sorted(d.rglob("*.png"))
+            if files:
+                step = max(1, len(files) // n)
+                return [f.read_bytes() for f in files[::step][:n]]
+    sys.exit(f"no PNG images found in {dirs}")
+
+
+def start_server(target: list[str], env_extra: dict, port: int, threads: int, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("COVID_CXR_MODEL_DIR", "COVID_CXR_API_TOKEN")}
+    env.update(env_extra)
+    env.update({"BENTOML_DO_NOT_TRACK": "true", "COVID_CXR_TORCH_THREADS": str(threads)})
+    cmd = [sys.executable, "-m", "bentoml", "serve", *target, "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+async def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    import httpx
+
+    t0 = time.monotonic()
+    async with httpx.AsyncClient() as c:
+        while time.monotonic() - t0 < timeout:
+            if proc.poll() is not None:
+                sys.exit(f"server exited:\n{log.read_text()[-3000:]}")
+            try:
+                if (await c.get(f"{url}/readyz", timeout=2)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+    sys.exit(f"server not ready in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+async def load(url: str, images: list[bytes], n: int, conc: int) -> dict:
+    """n POST /predict with `conc` in flight; -> throughput, latencies, batch sizes seen."""
+    import httpx
+
+    lat: list[float] = []
+    sizes: list[int] = []
+    parts: dict[str, list[float]] = {}
+    nxt = 0
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        async def worker():
+            nonlocal nxt
+            while nxt < n:
+                i = nxt
+                nxt += 1
+                t = time.perf_counter()
+                r = await c.post("/predict", files={"image": (f"{i}.png", images[i % len(images)], "image/png")})
+                lat.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+                assert r.json()["label"] in CLASSES
+                sizes.append(int(r.headers.get("x-batch-size", 1)))
+                for item in r.headers.get("server-timing", "").split(","):
+                    name, _, dur = item.strip().partition(";dur=")
+                    if dur:
+                        parts.setdefault(name, []).append(float(dur))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        wall = time.perf_counter() - t0
+    lat.sort()
+    return {"n": n, "rps": n / wall, "p50_ms": 1000 * lat[len(lat) // 2],
+            "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+            "mean_batch": statistics.mean(sizes), "max_batch": max(sizes),
+            "server_ms": {k: statistics.median(v) for k, v in parts.items()}}
+
+
+class InProcess:
+    """The same model, same preprocessing, same thread count, no HTTP."""
+
+    def __init__(self, model_dir: Path, threads: int, images: list[bytes]):
+        import torch
+
+        from covid_cxr.model_io import load_model
+        from covid_cxr.preprocess import load_gray
+
+        torch.set_num_threads(threads)
+        self.model = load_model(model_dir)
+        self.images = images
+        self.load_gray = load_gray
+        self.grays = np.stack([load_gray(b, self.model.size) for b in images])
+        for _ in range(3):
+            self.model.predict(self.grays[:8])
+
+    def forward_p50_ms(self, reps: int) -> float:
+        ts = []
+        for i in range(reps):
+            x = self.grays[i % len(self.grays)][None]
+            t = time.perf_counter()
+            self.model.predict(x)
+            ts.append(time.perf_counter() - t)
+        return 1000 * statistics.median(ts)
+
+    def forward_ips(self, batch: int, n_images: int) -> float:
+        reps = max(2, n_images // batch)
+        idx = np.arange(batch)
+        t = time.perf_counter()
+        for r in range(reps):
+            self.model.predict(self.grays[(idx + r * batch) % len(self.grays)])
+        return reps * batch / (time.perf_counter() - t)
+
+    def pipeline_ips(self, batch: int, n_images: int) -> float:
+        reps = max(2, n_images // batch)
+        t = time.perf_counter()
+        for r in range(reps):
+            x = np.stack([self.load_gray(self.images[(r * batch + j) % len(self.images)], self.model.size)
+                          for j in range(batch)])
+            self.model.predict(x)
+        return reps * batch / (time.perf_counter() - t)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", help="serve this model directory (COVID_CXR_MODEL_DIR)")
+    ap.add_argument("--bento", help="serve this Bento tag (default: the production one)")
+    ap.add_argument("--images", type=Path, help="folder of PNGs (default: the incoming batch)")
+    ap.add_argument("--requests", type=int, default=96, help="requests per throughput phase")
+    ap.add_argument("--latency-requests", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    ap.add_argument("--concurrency", default="1,4,8")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    target, env_extra, model_dir, label = pick_target(args)
+    images = load_images(args.images, 32)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_service_{port}.log"
+    print(f"# {label} | {len(images)} images | torch threads {args.threads} | {os.cpu_count()} CPUs | log {log}")
+    proc = start_server(target, env_extra, port, args.threads, log)
+    res: dict = {"target": label, "threads": args.threads}
+    try:
+        await wait_ready(url, proc, log)
+        inproc = InProcess(model_dir, args.threads, images)
+        res["image_size"] = inproc.model.size
+        await load(url, images, 32, 4)  # warm-up: connections, allocator, dispatcher latency model
+
+        lat = await load(url, images, args.latency_requests, 1)
+        raw = inproc.forward_p50_ms(args.latency_requests)
+        res["latency"] = {"p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "raw_forward_p50_ms": raw,
+                          "p50_over_raw": lat["p50_ms"] / raw, "server_ms": lat["server_ms"]}
+        res["throughput"] = []
+        for conc in [int(c) for c in args.concurrency.split(",")]:
+            api = await load(url, images, max(args.requests, 4 * conc), conc)
+            fwd = inproc.forward_ips(conc, args.requests)
+            pipe = inproc.pipeline_ips(conc, args.requests)
+            res["throughput"].append({"concurrency": conc, "api_rps": api["rps"], "api_p50_ms": api["p50_ms"],
+                                      "mean_batch": api["mean_batch"], "max_batch": api["max_batch"],
+                                      "inproc_forward_ips": fwd, "inproc_pipeline_ips": pipe,
+                                      "ratio_forward": api["rps"] / fwd, "ratio_pipeline": api["rps"] / pipe})
+    finally:
+        stop_server(proc)
+
+    L = res["latency"]
+    print(f"\nsingle request: p50 {L['p50_ms']:.1f} ms, p95 {L['p95_ms']:.1f} ms | one raw forward (batch 1) "
+          f"{L['raw_forward_p50_ms']:.1f} ms | p50/raw = {L['p50_over_raw']:.2f}x (target <= 1.5x)")
+    sm = L["server_ms"]
+    if sm:
+        inside = sum(sm.values())
+        print("  inside the service (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in sm.items())
+              + f"; HTTP + framework + client: {L['p50_ms'] - inside:.1f}")
+    print(f"\n{'conc':>4} {'API req/s':>10} {'p50 ms':>7} {'batch':>9} | {'fwd img/s':>9} {'API/fwd':>7} | "
+          f"{'pipe img/s':>10} {'API/pipe':>8}")
+    for t in res["throughput"]:
+        print(f"{t['concurrency']:>4} {t['api_rps']:>10.1f} {t['api_p50_ms']:>7.1f} "
+              f"{t['mean_batch']:>5.1f}/{t['max_batch']:<3} | {t['inproc_forward_ips']:>9.1f} {t['ratio_forward']:>7.2f} | "
+              f"{t['inproc_pipeline_ips']:>10.1f} {t['ratio_pipeline']:>8.2f}")
+    last = res["throughput"][-1]
+    print(f"\nAPI / in-process batched forward at concurrency {last['concurrency']}: {last['ratio_forward']:.2f} "
+          f"(target >= 0.8); vs in-process decode+forward: {last['ratio_pipeline']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
