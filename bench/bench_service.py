@@ -202,7 +202,8 @@ async def main() -> None:
     ap.add_argument("--images", type=Path, help="folder of PNGs (default: the incoming batch)")
     ap.add_argument("--requests", type=int, default=96, help="requests per throughput phase")
     ap.add_argument("--latency-requests", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                    help="torch threads, both sides (default: the service's default, all cores but one)")
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()

@@ -15,7 +15,9 @@ a candidate replaces the champion in artifacts/production.json only if
   2. none of the key metrics is more than `gate.champion_tolerance` (params.yaml, 0.005)
      below the champion's, and
   3. the key metrics improve in total (sum of the differences > 0): a tie keeps the champion.
-With nothing in production, a gate-passing candidate is promoted.
+With nothing in production, a gate-passing candidate is promoted. `covid-cxr package` compares
+against the champion as the gate re-scored it on the candidate's test split (gate.json
+`champion`, when it names the Bento in production), else against production.json's record.
 """
 from __future__ import annotations
 
@@ -349,13 +351,30 @@ def promote(paths: Paths | None, bento_tag: str, model_tag: str, metrics: dict[s
     _write_json_atomic(paths.production, rec)
 
 
+def gate_champion_metrics(paths: Paths, champion: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The champion's metrics as the gate re-scored them on the candidate's own test split, when
+    gate.json names the Bento now in production; else None (use production.json's record)."""
+    try:
+        gate = _read_json(paths.gate) or {}
+    except PackagingError:
+        return None
+    gc = gate.get("champion") if isinstance(gate, dict) else None
+    if champion and isinstance(gc, dict) and gc.get("bento") == champion.get("bento") and gc.get("metrics"):
+        return gc["metrics"]
+    return None
+
+
 def maybe_promote(paths: Paths, bento_tag: str, model_tag: str, metrics: dict[str, Any],
-                  force: bool = False) -> tuple[bool, list[str]]:
-    """is_better against the champion, then promote. Returns (promoted, reasons)."""
+                  force: bool = False, champion_metrics: dict[str, Any] | None = None) -> tuple[bool, list[str]]:
+    """is_better against the champion, then promote. Returns (promoted, reasons).
+
+    `champion_metrics` (e.g. the gate's re-scoring on the same split) overrides the metrics
+    recorded in production.json."""
     champ = production(paths)
     if champ and champ.get("bento") == bento_tag:
         return False, [f"{bento_tag} is already in production"]
-    better, reasons = is_better(metrics, (champ or {}).get("metrics"), _tolerance(paths))
+    cm = champion_metrics if (champ and champion_metrics) else (champ or {}).get("metrics")
+    better, reasons = is_better(metrics, cm, _tolerance(paths))
     if not better and force:
         reasons = reasons + ["--force: promoted anyway (the gate still applies)"]
     if better or force:
@@ -388,7 +407,9 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001 -
         if not do_promote:
             return
         try:
-            promoted, reasons = maybe_promote(paths, rec["bento"], rec["model"], rec["metrics"])
+            champ = production(paths)
+            promoted, reasons = maybe_promote(paths, rec["bento"], rec["model"], rec["metrics"],
+                                              champion_metrics=gate_champion_metrics(paths, champ))
         except PackagingError as e:
             _fail(str(e))
         for r in reasons:

@@ -31,7 +31,7 @@ Limits and auth (env vars, read at start-up)
     COVID_CXR_MAX_BATCH_FILES (32)     files per /predict_batch request
     COVID_CXR_API_TOKEN                if set, every endpoint but /, /static/*, /healthz, /livez
                                        and /readyz needs `Authorization: Bearer <token>` (401)
-    COVID_CXR_TORCH_THREADS            torch intra-op threads (default: all cores)
+    COVID_CXR_TORCH_THREADS            torch intra-op threads (default: all cores but one)
 """
 from __future__ import annotations
 
@@ -108,6 +108,12 @@ class Limits:
         self.batch_max_size = max(2, int(_env_num("COVID_CXR_BATCH_MAX_SIZE", 16)))
         self.batch_max_latency_ms = int(_env_num("COVID_CXR_BATCH_MAX_LATENCY_MS", 1000))
         self.token = os.environ.get("COVID_CXR_API_TOKEN") or None
+
+
+def default_torch_threads() -> int:
+    """All cores but one: the event loop, multipart parsing and decoding need a core of their
+    own, or they stall the forward pass they feed (and vice versa)."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def error_response(code: str, detail: str, status: int | None = None, **extra: Any) -> JSONResponse:
@@ -367,7 +373,7 @@ class CovidCxr:
         import torch
 
         self.limits = Limits()
-        threads = int(_env_num("COVID_CXR_TORCH_THREADS", os.cpu_count() or 1))
+        threads = int(_env_num("COVID_CXR_TORCH_THREADS", default_torch_threads()))
         torch.set_num_threads(threads)
         self.model_dir, self.model_tag, self.store_info = self._locate_model()
         self.model: Any = None

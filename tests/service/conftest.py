@@ -188,6 +188,8 @@ def files(service_tmp, train_images) -> dict[str, Path]:
         "ood": I.ood_png(d / "noise.png"),
         # bad
         "truncated": F.truncated(d / "truncated.png"),
+        "truncated_jpeg": I.truncated_jpeg(d / "truncated.jpg", xray),
+        "corrupt": I.corrupt_png(d / "corrupt.png"),
         "zero": F.zero_bytes(d / "zero.png"),
         "text": F.text_file(d / "notes.txt"),
         "text_as_png": F.text_file(d / "notes.png", "this is not a PNG\n" * 20),

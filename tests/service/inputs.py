@@ -121,3 +121,19 @@ def ood_png(path: Path, side: int = 256, seed: int = 0) -> Path:
     """Not a chest X-ray at all: random noise."""
     a = np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint8)
     return _save(Image.fromarray(a), path, "PNG")
+
+
+def corrupt_png(path: Path, side: int = 256, seed: int = 0) -> Path:
+    """Valid signature, header and chunk CRCs, but the pixel stream is random bytes (not zlib)."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return path
+
+
+def truncated_jpeg(path: Path, src: Path) -> Path:
+    data = io.BytesIO()
+    gray_of(src).save(data, "JPEG", quality=95)
+    b = data.getvalue()
+    path.write_bytes(b[: len(b) // 2])
+    return path

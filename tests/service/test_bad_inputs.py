@@ -30,6 +30,8 @@ def still_serving(server, api, files):
 
 CASES = [  # file key, expected status, error code, text expected in the reason
     ("truncated", 422, "corrupt", "truncated"),
+    ("truncated_jpeg", 422, "corrupt", "truncated"),
+    ("corrupt", 422, "corrupt", "corrupt"),
     ("zero", 400, "empty", "empty"),
     ("text", 415, "not_an_image", "not a readable image"),
     ("text_as_png", 415, "not_an_image", "not a readable image"),

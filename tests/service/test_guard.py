@@ -115,3 +115,32 @@ def test_image_routes_take_form_or_json_only(monkeypatch):
     assert call({}, monkeypatch, content=b"x", form=False).status_code == 415  # no Content-Type at all
     for ok in ("multipart/form-data; boundary=x", "application/json"):
         assert call({}, monkeypatch, headers={"Content-Type": ok}, content=b"x").status_code == 200
+
+
+def test_decode_applies_the_configured_limits(monkeypatch, tmp_path):
+    """The service's decode step uses Limits (env) for pixels and minimum side."""
+    import numpy as np
+    from PIL import Image
+
+    from covid_cxr.preprocess import ImageError
+
+    monkeypatch.setenv("COVID_CXR_MAX_PIXELS", "10000")
+    monkeypatch.setenv("COVID_CXR_MIN_SIDE", "20")
+
+    class Fake:
+        limits = service.Limits()
+
+    decode = service.CovidCxr.inner._decode
+    ok = tmp_path / "ok.png"
+    Image.fromarray(np.full((90, 100), 7, np.uint8)).save(ok)            # 9000 px
+    assert decode(Fake(), ok).shape == (90, 100)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((101, 100), np.uint8)).save(big)             # 10100 px
+    with pytest.raises(ImageError) as e:
+        decode(Fake(), big)
+    assert e.value.code == "too_large"
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((19, 50), np.uint8)).save(small)
+    with pytest.raises(ImageError) as e:
+        decode(Fake(), small)
+    assert e.value.code == "too_small"

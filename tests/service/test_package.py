@@ -199,3 +199,18 @@ def test_serve_with_a_missing_bento_or_model_dir_says_so(tmp_path):
     assert r.returncode == 1 and "not in the BentoML store" in r.stderr
     r = run_cli(["serve", "--model-dir", str(tmp_path)], tmp_path, env, timeout=60)
     assert r.returncode == 1 and "no model.json" in r.stderr
+
+
+def test_package_compares_with_the_gates_rescored_champion(tmp_path):
+    """Same test split for both models: the gate's re-scoring wins over production's old record."""
+    from covid_cxr.package import gate_champion_metrics
+
+    paths = Paths(tmp_path)
+    paths.gate.parent.mkdir(parents=True)
+    prod = {"bento": "covid_cxr:champ", "metrics": CHAMP}
+    rescored = {"accuracy": 0.9, "macro_f1": 0.9, "covid_recall": 0.9}
+    paths.gate.write_text(json.dumps({"passed": True, "champion": {"bento": "covid_cxr:champ", "metrics": rescored}}))
+    assert gate_champion_metrics(paths, prod) == rescored
+    paths.gate.write_text(json.dumps({"passed": True, "champion": {"bento": "covid_cxr:other", "metrics": rescored}}))
+    assert gate_champion_metrics(paths, prod) is None
+    assert gate_champion_metrics(paths, None) is None
