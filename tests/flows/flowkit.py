@@ -60,7 +60,7 @@ stages:
 
 GOOD_METRICS = {"accuracy": 0.95, "macro_f1": 0.94, "covid_recall": 0.96, "covid_specificity": 0.97,
                 "ece_before": 0.05, "ece_after": 0.02, "ood_false_flag_rate": 0.01, "n_test": 12}
-LOOSE_GATE = {"min_accuracy": 0.5, "min_macro_f1": 0.5, "min_covid_recall": 0.5, "max_ece": 0.5,
+LOOSE_GATE = {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_covid_recall": 0.0, "max_ece": 1.0,
               "champion_tolerance": 0.005}
 STRICT_GATE = {"min_accuracy": 0.999, "min_macro_f1": 0.999, "min_covid_recall": 0.999, "max_ece": 0.001,
                "champion_tolerance": 0.0}
@@ -201,15 +201,16 @@ def flaky_dvc(proj: Project, fails: int) -> Path:
     return counter
 
 
-def make_batch(base: Path, *, good_per_class: int = 2, bad: bool = True) -> tuple[Path, dict[str, set[str]], set[str]]:
+def make_batch(base: Path, *, good_per_class: int = 2, bad: bool = True, offset: int = 0,
+               name: str = "batch-test") -> tuple[Path, dict[str, set[str]], set[str]]:
     """An incoming batch (flat `<Class>/*.png`): real unseen scans from the shared batch, plus broken files.
 
     Returns (batch dir, class -> good file names, bad relative paths).
     """
-    batch = base / "batch-test"
+    batch = base / name
     good: dict[str, set[str]] = {}
     for cls in CLASSES:
-        src = sorted((INCOMING / cls).glob("*.png"))[:good_per_class]
+        src = sorted((INCOMING / cls).glob("*.png"))[offset:offset + good_per_class]
         assert len(src) == good_per_class, f"need the shared incoming batch at {INCOMING}"
         (batch / cls).mkdir(parents=True)
         for p in src:

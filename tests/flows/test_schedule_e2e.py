@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from flowkit import (
+    LOOSE_GATE,
     MAIN,
     STRICT_GATE,
     api,
@@ -118,24 +119,30 @@ def served(prefect_server, real_project):
 
     try:
         dep = wait_for(registered, 120, "flows/deploy.py to register the deployment", interval=1)
-        yield {"url": url, "deployment": dep, "log": log_path, "env": env}
+        yield {"url": url, "deployment": dep, "log": log_path, "env": env, "pid": proc.pid}
     finally:
         _stop(proc, signal.SIGINT, 30)  # Ctrl-C: the runner pauses the schedule and exits
         log.close()
 
 
-def _run(url: str, parameters: dict, timeout: float = 600) -> dict:
+def _trigger(url: str, parameters: dict) -> str:
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        fr = run_deployment(f"retrain/{DEPLOYMENT}", parameters=parameters, timeout=0, as_subflow=False)
+        return str(run_deployment(f"retrain/{DEPLOYMENT}", parameters=parameters, timeout=0, as_subflow=False).id)
 
+
+def _wait(url: str, run_id: str, timeout: float = 600) -> dict:
     def finished():
-        run = api(url, "GET", f"/flow_runs/{fr.id}")
+        run = api(url, "GET", f"/flow_runs/{run_id}")
         return run if run["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
 
-    return wait_for(finished, timeout, f"flow run {fr.id} to finish", interval=2)
+    return wait_for(finished, timeout, f"flow run {run_id} to finish", interval=2)
+
+
+def _run(url: str, parameters: dict, timeout: float = 600) -> dict:
+    return _wait(url, _trigger(url, parameters), timeout)
 
 
 def test_deployment_is_stored_with_its_cron_schedule(served):
@@ -199,7 +206,7 @@ def test_triggered_run_completes_with_summary_then_strict_gate_keeps_champion(se
     md = art["data"]
     assert "Gate: PASSED" in md and f"promoted {prod['bento']}" in md
     assert f"| {batch.name} | {sum(map(len, good.values())) + len(bad)} | {sum(map(len, good.values()))} |" in md
-    assert "up to date" in real_project.dvc("status").lower()
+    assert "up to date" in real_project.dvc("status", "--with-deps", "gate").lower()  # dvc.lock records the chain
 
     # same model, strict thresholds: only the gate stage re-runs, and it fails
     champion = real_project.production.read_bytes()
@@ -212,3 +219,45 @@ def test_triggered_run_completes_with_summary_then_strict_gate_keeps_champion(se
     assert real_project.production.read_bytes() == champion
     md2 = summary_artifacts(served["url"], run2["id"])[0]["data"]
     assert "Gate: FAILED" in md2 and "production.json unchanged" in md2
+
+
+def test_run_killed_during_training_completes_when_rerun(served, real_project, tmp_path):
+    import psutil
+
+    real_project.set_params({"gate": LOOSE_GATE})
+    batch, good, _ = make_batch(tmp_path, good_per_class=3, bad=False, offset=10, name="batch-kill")
+    root = str(real_project.root)
+
+    def training():  # the real `covid-cxr train` that `dvc repro` started for this project
+        for p in psutil.process_iter(["cmdline", "cwd"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "covid-cxr train" in cmd and p.info["cwd"] == root:
+                return p
+        return None
+
+    run_id = _trigger(served["url"], {"incoming": [str(batch)]})
+    trainer = wait_for(training, 300, "the served run to start training", interval=0.2)
+    # the flow-run process is the served runner's child that (indirectly) started the training
+    flow_proc = next(p for p in [trainer, *trainer.parents()] if p.ppid() == served["pid"])
+    victims = [flow_proc, *flow_proc.children(recursive=True)]
+    assert trainer in victims and trainer.is_running()
+    for v in victims:  # kill -9 the whole run: flow, dvc repro, training
+        try:
+            v.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+    killed = _wait(served["url"], run_id, 120)
+    assert killed["state_type"] in {"CRASHED", "FAILED"}, killed["state"]
+    assert "train" in real_project.dvc("status", "--with-deps", "gate")  # training did not finish: not in dvc.lock
+
+    again = _run(served["url"], {"incoming": [str(batch)]})
+
+    assert again["state_type"] == "COMPLETED", (again["state"]["message"], served["log"].read_text()[-4000:])
+    assert "up to date" in real_project.dvc("status", "--with-deps", "gate").lower()
+    images = real_project.images()
+    assert all(names <= images[cls] for cls, names in good.items())
+    assert json.loads((real_project.root / "artifacts" / "gate.json").read_text())["passed"] is True
+    md = summary_artifacts(served["url"], again["id"])[0]["data"]
+    assert "Gate: PASSED" in md and "| batch-kill | 9 | 0 | 9 |" in md  # the killed run had imported them
