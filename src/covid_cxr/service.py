@@ -392,6 +392,11 @@ class CovidCxr:
                 raise RuntimeError(f"COVID_CXR_MODEL_DIR={_MODEL_DIR}: no model.json there")
             return d, f"dir:{d}", {}
         ref = type(self).bento_model
+        pinned = self._bento_pinned_model()
+        if pinned is not None:
+            # Serving a built Bento: its model version, not whatever `latest` is in the store
+            # now (BentoML re-pins only Hugging Face models when it loads a Bento).
+            ref = bentoml.models.BentoModel(pinned)
         stored = ref.stored  # local store only: never reaches for a remote registry
         if stored is None:
             raise RuntimeError(
@@ -402,6 +407,20 @@ class CovidCxr:
         info = {"labels": dict(stored.info.labels), "metadata": dict(stored.info.metadata),
                 "created": stored.info.creation_time.isoformat()}
         return Path(stored.path), str(stored.tag), info
+
+    @staticmethod
+    def _bento_pinned_model() -> str | None:
+        """The model version recorded in the Bento this service was loaded from, if any."""
+        svc = globals().get("CovidCxr")  # the bentoml.Service wrapping this class
+        bento = getattr(svc, "bento", None)
+        if bento is None:
+            return None
+        for info in bento.info.services:
+            if info.name == svc.name:
+                for m in info.models:
+                    if m.tag.name == MODEL_NAME:
+                        return str(m.tag)
+        return None
 
     def _load(self) -> None:
         from .model_io import load_model
@@ -414,7 +433,8 @@ class CovidCxr:
 
     @bentoml.on_startup
     async def _startup(self) -> None:
-        asyncio.get_running_loop().create_task(self._load_and_warm())
+        # keep a reference: the event loop holds tasks only weakly
+        self._load_task = asyncio.get_running_loop().create_task(self._load_and_warm())
 
     async def _load_and_warm(self) -> None:
         import anyio

@@ -160,6 +160,18 @@ def test_promotion_keeps_a_better_champion(service_tmp, bentoml_home, test_model
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(prod.read_text())["bento"] == champion["bento"]
 
+    # Loading the champion Bento now must give the champion's model, although the newest
+    # `covid_cxr` model in the store is the worse one (BentoML alone would take `latest`).
+    code = f"""
+import bentoml
+from bentoml._internal.service.loader import load
+assert str(bentoml.models.get("covid_cxr:latest").tag) == {worse['model']!r}
+svc = load({champion['bento']!r})
+print("MODEL", svc().model_tag)
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=180)
+    assert f"MODEL {champion['model']}" in r.stdout, r.stdout + r.stderr[-3000:]
+
 
 @pytest.mark.e2e
 def test_promote_refuses_a_model_that_failed_the_gate(service_tmp, bentoml_home, packaged):
