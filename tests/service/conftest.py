@@ -1,6 +1,6 @@
 """Fixtures for the service tests.
 
-One session builds a small real model (tests/service/testmodel.py), packages it with the real
+One session builds a small real model (tests/service/svcmodel.py), packages it with the real
 `covid-cxr package` into a temporary BENTOML_HOME (model store + `bentoml build`), and runs the
 production Bento with the real `covid-cxr serve` (which execs `bentoml serve <bento tag>`) on a
 free loopback port, with an API token. Every e2e test talks to that one server over HTTP.
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,35 +20,12 @@ import httpx
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))          # testmodel, inputs
+sys.path.insert(0, str(HERE))          # svcmodel, svcfiles, svckit
 sys.path.insert(0, str(HERE.parent))   # imgfactory (shared test helpers)
 
-import testmodel  # noqa: E402
+import svcmodel  # noqa: E402
 
-VENV_BIN = Path(sys.executable).parent
-TOKEN = "s3cret-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def base_env(bentoml_home: Path, root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVID_CXR_")}
-    env.update({
-        "BENTOML_HOME": str(bentoml_home),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "COVID_CXR_ROOT": str(root),
-        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-    })
-    return env
-
-
-def run_cli(args: list[str], root: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "covid-cxr"), *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+from svckit import TOKEN, VENV_BIN, base_env, free_port, run_cli  # noqa: E402,F401
 
 
 @dataclass
@@ -91,19 +67,19 @@ def bentoml_home(service_tmp) -> Path:
 
 @pytest.fixture(scope="session")
 def test_model_dir(service_tmp) -> Path:
-    return testmodel.build_test_model(service_tmp / "test-model", image_size=96)
+    return svcmodel.build_test_model(service_tmp / "test-model", image_size=96)
 
 
 @pytest.fixture(scope="session")
 def train_images() -> list[Path]:
     """Real X-rays the test model was fitted on: in distribution by construction."""
-    return [p for p, _ in testmodel.real_images(12)]
+    return [p for p, _ in svcmodel.real_images(12)]
 
 
 @pytest.fixture(scope="session")
 def packaged(service_tmp, bentoml_home, test_model_dir) -> dict:
     """A project whose gate passed, packaged and promoted by the real CLI."""
-    root = testmodel.write_project(service_tmp / "proj", test_model_dir, passed=True)
+    root = svcmodel.write_project(service_tmp / "proj", test_model_dir, passed=True)
     env = base_env(bentoml_home, root)
     r = run_cli(["package"], root, env)
     assert r.returncode == 0, f"covid-cxr package failed:\n{r.stdout}\n{r.stderr}"
@@ -171,7 +147,7 @@ def api(server) -> httpx.Client:
 def files(service_tmp, train_images) -> dict[str, Path]:
     """Every upload the tests send, written once."""
     import imgfactory as F
-    import inputs as I
+    import svcfiles as I
 
     d = service_tmp / "files"
     d.mkdir()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TOKEN
+from svckit import TOKEN
 
 pytestmark = pytest.mark.e2e
 

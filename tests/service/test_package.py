@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import testmodel
-from conftest import base_env, run_cli
+import svcmodel
+from svckit import base_env, run_cli
 from covid_cxr.config import Paths
 from covid_cxr.package import PackagingError, is_better, read_gate
 
@@ -115,7 +115,7 @@ def test_package_builds_a_bento_pinned_to_the_model(packaged, bentoml_home, test
 
 @pytest.mark.e2e
 def test_failed_gate_refuses_and_changes_nothing(service_tmp, bentoml_home, test_model_dir, packaged):
-    root = testmodel.write_project(service_tmp / "proj-failed", test_model_dir, passed=False, accuracy=0.5)
+    root = svcmodel.write_project(service_tmp / "proj-failed", test_model_dir, passed=False, accuracy=0.5)
     prod = root / "artifacts" / "production.json"
     shutil.copy2(packaged["root"] / "artifacts" / "production.json", prod)
     before_prod = prod.read_bytes()
@@ -131,7 +131,7 @@ def test_failed_gate_refuses_and_changes_nothing(service_tmp, bentoml_home, test
 
 @pytest.mark.e2e
 def test_promotion_keeps_a_better_champion(service_tmp, bentoml_home, test_model_dir, packaged):
-    root = testmodel.write_project(service_tmp / "proj-promo", test_model_dir, passed=True,
+    root = svcmodel.write_project(service_tmp / "proj-promo", test_model_dir, passed=True,
                                    accuracy=0.97, macro_f1=0.97, covid_recall=0.971)
     env = base_env(bentoml_home, root)
     prod = root / "artifacts" / "production.json"

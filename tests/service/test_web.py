@@ -39,7 +39,7 @@ def page(browser, server):
 
 
 def enter_token(page):
-    from conftest import TOKEN
+    from svckit import TOKEN
 
     if not page.locator("#auth").evaluate("d => d.open"):
         page.click("#auth summary")
