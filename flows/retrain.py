@@ -80,8 +80,8 @@ def package(root: str) -> dict[str, Any]:
 
 @task(name="promote", retries=0, cache_policy=NO_CACHE)
 def promote(root: str, bento: str, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Make the Bento the production one (artifacts/production.json)."""
-    return orch.promote(Path(root), bento, model, metrics)
+    """Make the Bento the production one (artifacts/production.json) if it beats the champion."""
+    return orch.promote_if_better(Path(root), bento, model, metrics)
 
 
 @task(name="summary", retries=1, retry_delay_seconds=[2.0], cache_policy=NO_CACHE)
@@ -151,8 +151,6 @@ def retrain(
             raise orch.StepError(f"gate failed, production unchanged: {reasons}")
 
         metrics = decision.get("metrics") or {}
-        # the champion as the gate saw it: production's model re-scored on this test split
-        champion = decision.get("champion") or summary["champion"]
         if orch.same_as_champion(root_p, metrics, summary["champion"]):
             summary["promotion"] = {
                 "decision": "kept the champion",
@@ -164,12 +162,13 @@ def retrain(
             summary["bento"], summary["model"] = rec.get("bento"), rec.get("model")
 
             summary["step"] = "promote"
-            better, why = orch.decide_promotion(root_p, metrics, champion)
-            if better:
-                summary["production_after"] = promote(r, rec["bento"], rec["model"], rec.get("metrics") or metrics)
-                summary["promotion"] = {"decision": f"promoted {rec['bento']}", "reasons": why}
-            else:
-                summary["promotion"] = {"decision": "kept the champion (candidate is not better)", "reasons": why}
+            res = promote(r, rec["bento"], rec["model"], rec.get("metrics") or metrics)
+            summary["production_after"] = res["production"]
+            summary["promotion"] = {
+                "decision": f"promoted {rec['bento']}" if res["promoted"]
+                else "kept the champion (candidate is not better)",
+                "reasons": res["reasons"],
+            }
         summary["step"] = "done"
         log.info("retraining finished: %s", summary["promotion"]["decision"])
         return summary

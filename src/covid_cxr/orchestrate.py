@@ -136,19 +136,26 @@ def _kill_group(proc: subprocess.Popen) -> None:
         except Exception:
             pass
     proc.wait()
+    if victims:
+        import psutil
+
+        psutil.wait_procs(victims, timeout=10)  # SIGKILL is asynchronous: wait until they are gone
 
 
 # ---------------------------------------------------------------------------------------------
 # DVC / git
 # ---------------------------------------------------------------------------------------------
+def _is_location(remote: str) -> bool:
+    """A path or URL, as opposed to the name of a configured DVC remote."""
+    return "://" in remote or os.sep in remote or remote.startswith((".", "~")) or Path(remote).exists()
+
+
 def remote_name(root: Path, remote: str | None, log: Log | None = None) -> str | None:
-    """`remote` as a DVC remote name: a configured name is used as is; a path or URL is added
-    to `.dvc/config.local` (not committed) as `retrain-flow`. None means the default remote."""
+    """`remote` as a DVC remote name: a name (`team`) is used as is; a path or URL is written to
+    `.dvc/config.local` (never committed) as the remote `retrain-flow`. None: the default remote."""
     if not remote:
         return None
-    _, lines = run(["dvc", "remote", "list"], root)
-    names = {ln.split()[0] for ln in lines if ln.strip()}
-    if remote in names:
+    if not _is_location(remote):
         return remote
     url = remote
     if "://" not in remote:
@@ -161,12 +168,9 @@ def remote_name(root: Path, remote: str | None, log: Log | None = None) -> str |
 def normalize_remote(remote: str | None) -> str | None:
     """A remote given on a command line: a local path becomes absolute (served runs start in
     another folder); a remote name (`team`) or a URL is kept as is."""
-    if not remote or "://" in remote:
+    if not remote or "://" in remote or not _is_location(remote):
         return remote or None
-    p = Path(remote).expanduser()
-    if os.sep in remote or remote.startswith(".") or p.exists():
-        return str(p.resolve())
-    return remote
+    return str(Path(remote).expanduser().resolve())
 
 
 def dvc_pull(root: Path, remote: str | None = None, log: Log | None = None) -> None:
@@ -398,29 +402,27 @@ def package_bento(root: Path, log: Log | None = None, timeout: float | None = No
     return rec
 
 
-def decide_promotion(root: Path | str, metrics: dict[str, Any], champion: dict[str, Any] | None) -> tuple[bool, list[str]]:
-    """package.is_better on the candidate's test metrics vs the champion's, with params.yaml's
-    `gate.champion_tolerance`. `champion` should be gate.json's: the production model re-scored
-    on this same test split (a grown dataset has a new split, so recorded metrics are stale)."""
-    from . import package
-    from .config import load_params
+def promote_if_better(root: Path | str, bento: str, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The package module's promotion rule, as `covid-cxr package` applies it: `is_better`
+    against the champion as the gate re-scored it on this test split (else production.json's
+    record), with params.yaml's `gate.champion_tolerance`; `package.promote` (re-checks the
+    model passed the gate, writes production.json atomically) only when it wins.
 
-    gate = load_params(Path(root) / "params.yaml").get("gate") or {}
-    tol = float(gate.get("champion_tolerance", package.DEFAULT_TOLERANCE))
-    better, reasons = package.is_better(metrics, champion_metrics(champion), tol)
-    return bool(better), [str(r) for r in reasons]
-
-
-def promote(root: Path | str, bento: str, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """package.promote (checks the model passed the gate, then writes production.json, atomically);
-    returns the new production record."""
+    Returns {"promoted": bool, "reasons": [...], "production": record now in production}.
+    """
     from . import package
 
-    package.promote(Paths(root), bento, model, metrics)
-    rec = production(root)
-    if not rec or rec.get("bento") != bento:
-        raise StepError(f"promoting {bento} did not update {Paths(root).production}")
-    return rec
+    paths = Paths(root)
+    champ = package.production(paths)
+    promoted, reasons = package.maybe_promote(
+        paths, bento, model, metrics, champion_metrics=package.gate_champion_metrics(paths, champ)
+    )
+    now = package.production(paths)
+    if promoted and (not now or now.get("bento") != bento):
+        raise StepError(f"promoting {bento} did not update {paths.production}")
+    if not promoted and now != champ:
+        raise StepError(f"{paths.production} changed although {bento} was not promoted")
+    return {"promoted": bool(promoted), "reasons": [str(r) for r in reasons], "production": now}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -190,3 +190,28 @@ def test_commit_true_commits_only_data_dvc(prefect_api, fake_project, tmp_path):
     assert git("show", "--name-only", "--format=", "HEAD").split() == ["data.dvc"]
     assert "batch-test" in git("log", "-1", "--format=%s")
     assert "untracked-note.txt" in git("status", "--porcelain")
+
+
+def test_cli_runs_the_flow_once_and_pushes_to_a_remote_path(prefect_api, fake_project, tmp_path):
+    batch, good, _ = make_batch(tmp_path, good_per_class=1, bad=False)
+    new_remote = tmp_path / "another-remote"
+    new_remote.mkdir()
+    config = (fake_project.root / ".dvc" / "config").read_text()
+    # a slightly better champion: the gate passes, promotion is declined (package.promote, which
+    # needs a BentoML store, is not faked in this subprocess)
+    champion = fake_project.seed_champion({**GOOD_METRICS, "macro_f1": GOOD_METRICS["macro_f1"] + 0.002})
+    env = {**fake_project.env, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+    r = subprocess.run(
+        [sys.executable, str(MAIN / "flows" / "retrain.py"), "--incoming", str(batch),
+         "--remote", os.path.relpath(new_remote, fake_project.root), "--backoff-s", "0.2"],
+        cwd=fake_project.root, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "retrain: COMPLETED" in r.stdout
+    assert (fake_project.root / ".dvc" / "config").read_text() == config  # committed config untouched
+    assert str(new_remote) in (fake_project.root / ".dvc" / "config.local").read_text()
+    assert "in sync" in fake_project.dvc("status", "-c", "-r", "retrain-flow", "data.dvc")
+    assert any(new_remote.rglob("*")) and fake_project.production.read_bytes() == champion
+    assert all(names <= fake_project.images()[cls] for cls, names in good.items())
