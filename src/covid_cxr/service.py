@@ -482,12 +482,18 @@ class CovidCxr:
         except Exception as e:  # an exotic mode Pillow cannot convert is still the input's fault
             raise ImageError("corrupt", f"cannot convert the {im.mode} image to greyscale: {e}") from None
 
-    async def _grays(self, paths: Sequence[Path]) -> list[np.ndarray]:
+    def _decode_resized(self, path: Path) -> np.ndarray:
+        return resize_gray(self._decode(path), self.model.size)
+
+    async def _grays(self, paths: Sequence[Path], full: bool = False) -> list[np.ndarray]:
+        """Decode (and, unless `full`, resize to the model's input size) in worker threads:
+        a 100 MP upload must not stall the event loop."""
         import anyio
 
         if self._decode_limiter is None:
             self._decode_limiter = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
-        return [await anyio.to_thread.run_sync(self._decode, p, limiter=self._decode_limiter) for p in paths]
+        fn = self._decode if full else self._decode_resized
+        return [await anyio.to_thread.run_sync(fn, p, limiter=self._decode_limiter) for p in paths]
 
     def _result(self, row: np.ndarray) -> dict[str, Any]:
         c = len(CLASSES)
@@ -502,9 +508,8 @@ class CovidCxr:
 
     async def _classify(self, grays: Sequence[np.ndarray], timing: dict[str, float] | None = None
                         ) -> tuple[list[dict[str, Any]], int]:
-        """-> (one result per image, the largest forward batch they were part of)."""
-        s = self.model.size
-        x = np.stack([resize_gray(g, s) for g in grays])
+        """Model-size greys -> (one result per image, the largest forward batch they were part of)."""
+        x = np.stack(grays)
         t0 = time.perf_counter()
         try:
             rows = await self.batcher(x)
@@ -581,14 +586,15 @@ class CovidCxr:
         if not self.ready:
             return self._not_ready()
         try:
-            (gray,) = await self._grays([image])
-            (res,), _ = await self._classify([gray])
+            (gray,) = await self._grays([image], full=True)
+            small = await anyio.to_thread.run_sync(resize_gray, gray, self.model.size)
+            (res,), _ = await self._classify([small])
         except ImageError as e:
             return error_response(e.code, e.message)
         except Overloaded as e:
             return error_response("overloaded", str(e), 503)
         target = CLASSES.index(res["label"])
-        shown, heat, method = await anyio.to_thread.run_sync(self._gradcam, gray, target)
+        shown, heat, method = await anyio.to_thread.run_sync(self._gradcam, gray, small, target)
         res.update({
             "explained_class": res["label"],
             "cam_method": method,
@@ -598,13 +604,13 @@ class CovidCxr:
         })
         return JSONResponse(res)
 
-    def _gradcam(self, gray: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray, str]:
+    def _gradcam(self, gray: np.ndarray, small: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray, str]:
         from PIL import Image
 
         from .gradcam import gradcam, overlay
 
         m = self.model
-        x = m.to_input(resize_gray(gray, m.size)[None])
+        x = m.to_input(small[None])
         with self._explain_lock:
             cams, _, methods = gradcam(m.net, x, target)
         h, w = gray.shape
