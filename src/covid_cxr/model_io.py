@@ -25,19 +25,30 @@ OOD = "ood.safetensors"
 
 @dataclass
 class OodModel:
-    """Mahalanobis distance on PCA-reduced pooled features (shared covariance)."""
+    """Distance of pooled features from the training X-rays.
+
+    Class-conditional Mahalanobis distance (shared covariance) inside the top-K PCA subspace,
+    plus the off-subspace residual, scaled so that both parts count alike for training data.
+    Without the residual, inputs whose features leave the subspace (noise, blank frames) would
+    project near the class means and look normal.
+    """
 
     mean: torch.Tensor        # (D,) feature mean
     components: torch.Tensor  # (K, D) PCA projection
     class_means: torch.Tensor # (C, K)
     precision: torch.Tensor   # (K, K)
     threshold: float
+    resid_mean: torch.Tensor | None = None  # () mean squared off-subspace residual on train
 
     def score(self, feats: torch.Tensor) -> torch.Tensor:
-        z = (feats.float() - self.mean) @ self.components.T            # (N, K)
+        xc = feats.float() - self.mean
+        z = xc @ self.components.T                                     # (N, K)
         d = z[:, None, :] - self.class_means[None]                     # (N, C, K)
-        m = torch.einsum("nck,kl,ncl->nc", d, self.precision, d)       # squared distances
-        return m.min(dim=1).values.clamp_min(0).sqrt()
+        m = torch.einsum("nck,kl,ncl->nc", d, self.precision, d).min(dim=1).values  # squared distance
+        if self.resid_mean is not None:
+            r = (xc - z @ self.components).pow(2).sum(1)
+            m = m + self.components.shape[0] * r / self.resid_mean.clamp_min(1e-12)
+        return m.clamp_min(0).sqrt()
 
     @classmethod
     def fit(cls, feats: np.ndarray, labels: np.ndarray, n_components: int = 64) -> "OodModel":
@@ -55,11 +66,15 @@ class OodModel:
         cov = r.T @ r / max(len(r) - 1, 1)
         cov += torch.eye(k, dtype=cov.dtype) * 1e-3 * cov.diagonal().mean()
         prec = torch.linalg.inv(cov)
-        return cls(mu.float(), comp.float(), cm.float(), prec.float(), float("inf"))
+        resid = (xc - z @ comp).pow(2).sum(1).mean()
+        return cls(mu.float(), comp.float(), cm.float(), prec.float(), float("inf"), resid.float())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "components": self.components,
-                "class_means": self.class_means, "precision": self.precision}
+        t = {"mean": self.mean, "components": self.components,
+             "class_means": self.class_means, "precision": self.precision}
+        if self.resid_mean is not None:
+            t["resid_mean"] = self.resid_mean.reshape(())
+        return t
 
 
 @dataclass
@@ -117,7 +132,7 @@ def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: OodModel |
     meta["arch"] = net.arch
     if ood is not None:
         save_file({k: v.contiguous() for k, v in ood.tensors().items()}, str(out_dir / OOD))
-        meta["ood"] = {"kind": "mahalanobis-pca", "threshold": ood.threshold,
+        meta["ood"] = {"kind": "mahalanobis-pca+residual", "threshold": ood.threshold,
                        "components": int(ood.components.shape[0])}
     (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -139,5 +154,6 @@ def load_model(model_dir: Path, channels_last: bool = True) -> LoadedModel:
     ood = None
     if (model_dir / OOD).exists() and "ood" in meta:
         t = load_file(str(model_dir / OOD))
-        ood = OodModel(t["mean"], t["components"], t["class_means"], t["precision"], float(meta["ood"]["threshold"]))
+        ood = OodModel(t["mean"], t["components"], t["class_means"], t["precision"], float(meta["ood"]["threshold"]),
+                       t.get("resid_mean"))
     return LoadedModel(net=net, meta=meta, ood=ood, channels_last=channels_last)

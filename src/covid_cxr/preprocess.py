@@ -111,7 +111,7 @@ def resize_gray(gray: np.ndarray, size: int) -> np.ndarray:
     """Square resize (X-rays here are square already), antialiased."""
     if gray.shape == (size, size):
         return gray
-    return np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
+    return np.array(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
 
 
 def load_gray(src: Source, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
