@@ -33,16 +33,14 @@ STAGE_MODULES = (
 )
 
 @app.callback()
-def _main() -> None:
+def _main(ctx: typer.Context) -> None:
     """Print each command's wall time when it ends, so `dvc repro` logs show per-stage cost."""
-    import atexit
-    import sys
     import time
 
     t0 = time.perf_counter()
-    cmd = " ".join(a for a in sys.argv[1:] if not a.startswith("-"))[:60]
-    atexit.register(lambda: typer.secho(f"⏱  covid-cxr {cmd}: {time.perf_counter() - t0:.1f} s wall",
-                                        fg=typer.colors.BRIGHT_BLACK, err=True))
+    name = ctx.invoked_subcommand or ""
+    ctx.call_on_close(lambda: typer.secho(f"⏱  covid-cxr {name}: {time.perf_counter() - t0:.1f} s wall",
+                                          fg=typer.colors.BRIGHT_BLACK, err=True))
 
 
 for _name in STAGE_MODULES:
@@ -55,5 +53,16 @@ for _name in STAGE_MODULES:
     _mod.register(app, data_app)
 
 
+def main() -> None:
+    """Console entry point: a missing input is a one-line error, not a traceback."""
+    import sys
+
+    try:
+        app()
+    except FileNotFoundError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()
