@@ -11,16 +11,22 @@ reason, leaves artifacts/production.json as it was, and still publishes the summ
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+# Offline machine: no analytics; the ephemeral server (a one-off run without PREFECT_API_URL)
+# gets time to start on a busy 2-core box. Set before Prefect reads its settings.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from covid_cxr import orchestrate as orch
-from covid_cxr.config import project_root
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from covid_cxr import orchestrate as orch  # noqa: E402
+from covid_cxr.config import project_root  # noqa: E402
 
 SUMMARY_KEY = "retrain-summary"
 # Declared retry backoff (seconds) per task; `backoff_s` scales all of them (tests use tiny ones).
