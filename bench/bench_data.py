@@ -4,12 +4,14 @@
 
 Runs in a throw-away project root (params.yaml copied, data/ symlinked, empty stats cache), so
 the repository's artifacts/ and .cache/ are untouched.
-- decode-only: `preprocess.open_image` + `to_gray` on every PNG, in this process, one core.
+- decode-only: `preprocess.open_image` + `to_gray` on every PNG (a full decode, nothing else),
+  in this process (1 proc) and in a fork pool of N processes run exactly as `prepare` runs its own
+  (same executor, chunk size and process count; N = imagecheck.default_workers()).
 - prepare+validate: the real stage commands, `covid-cxr prepare --no-cache` then
   `covid-cxr validate` (as `dvc repro` runs them: new processes, imports included, GX Data Docs
-  built), with a cold stats cache; prepare with its default decode processes (one per core)
-  and once more with COVID_CXR_WORKERS=1.
-The page cache is warmed first so both sides read from memory. Target: ratio >= 0.5.
+  built), with a cold stats cache; prepare with N decode processes and with COVID_CXR_WORKERS=1.
+Rounds alternate the measurements; the page cache is warmed first so all read from memory.
+Target: prepare+validate throughput >= 0.5x decode-only at the same process count.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ sys.path.insert(0, str(REPO / "src"))
 from covid_cxr.imagecheck import data_image_files, default_workers  # noqa: E402
 from covid_cxr.preprocess import open_image, to_gray  # noqa: E402
 
+CHUNK = 64  # imagecheck.compute_stats's chunk size
+
 
 def cli() -> list[str]:
     exe = Path(sys.executable).with_name("covid-cxr")
@@ -47,12 +51,23 @@ def cpu_children() -> float:  # every finished descendant, decode processes incl
     return r.ru_utime + r.ru_stime
 
 
-def decode_only(files: list[Path]) -> tuple[float, float]:
-    """(wall s, CPU s)"""
-    c, t = cpu_self(), time.perf_counter()
-    for p in files:
-        to_gray(open_image(p))
-    return time.perf_counter() - t, cpu_self() - c
+def _decode(p: Path) -> tuple[int, ...]:
+    return to_gray(open_image(p)).shape
+
+
+def decode_only(files: list[Path], workers: int = 1) -> tuple[float, float]:
+    """(wall s, CPU s, pool processes included) of a full decode of every file."""
+    c, t = cpu_self() + cpu_children(), time.perf_counter()
+    if workers == 1:
+        shapes = [_decode(p) for p in files]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            shapes = list(pool.map(_decode, files, chunksize=CHUNK))
+    assert len(shapes) == len(files) and all(len(s) == 2 for s in shapes)
+    return time.perf_counter() - t, cpu_self() + cpu_children() - c
 
 
 def stage(args: list[str], root: Path, **env_extra: str) -> tuple[float, float]:
@@ -85,13 +100,15 @@ def main() -> None:
         root = Path(tmp)
         os.symlink(data.resolve(), root / "data")
         shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        workers = default_workers()
         for _ in range(a.repeat):
             shutil.rmtree(root / ".cache", ignore_errors=True)
             r = {"load_avg_1m": os.getloadavg()[0]}
-            r["decode_s"], r["decode_cpu_s"] = decode_only(files)
+            r["decode_s"], r["decode_cpu_s"] = decode_only(files, workers)
             r["prepare_s"], r["prepare_cpu_s"] = stage(["prepare", "--no-cache"], root)
-            r["prepare_1proc_s"], r["prepare_1proc_cpu_s"] = stage(["prepare", "--no-cache"], root, COVID_CXR_WORKERS="1")
             r["validate_s"], r["validate_cpu_s"] = stage(["validate"], root)
+            r["decode_1proc_s"], r["decode_1proc_cpu_s"] = decode_only(files, 1)
+            r["prepare_1proc_s"], r["prepare_1proc_cpu_s"] = stage(["prepare", "--no-cache"], root, COVID_CXR_WORKERS="1")
             rounds.append(r)
         # once: prepare again with a warm stats cache (the retraining case: only new files decode)
         stage(["prepare"], root)  # fills the cache
@@ -99,14 +116,15 @@ def main() -> None:
         manifest_rows = sum(1 for _ in open(root / "artifacts/data/manifest.csv")) - 1
 
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if k != "load_avg_1m"}
-    workers = default_workers()
     wall = {
         "decode": med["decode_s"],
+        "decode_1proc": med["decode_1proc_s"],
         "pv": med["prepare_s"] + med["validate_s"],
         "pv_1proc": med["prepare_1proc_s"] + med["validate_s"],
     }
     cpu = {
         "decode": med["decode_cpu_s"],
+        "decode_1proc": med["decode_1proc_cpu_s"],
         "pv": med["prepare_cpu_s"] + med["validate_cpu_s"],
         "pv_1proc": med["prepare_1proc_cpu_s"] + med["validate_cpu_s"],
     }
@@ -117,12 +135,17 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "rounds": rounds,
         "median": {k: round(v, 3) for k, v in med.items()},
+        "load_avg_1m": [round(r["load_avg_1m"], 2) for r in rounds],
         "decode_only_img_per_s": round(n / wall["decode"], 1),
         "prepare_validate_img_per_s": round(n / wall["pv"], 1),
+        "decode_only_1proc_img_per_s": round(n / wall["decode_1proc"], 1),
+        "prepare_validate_1proc_img_per_s": round(n / wall["pv_1proc"], 1),
         "ratio": round(wall["decode"] / wall["pv"], 3),
-        "ratio_1proc": round(wall["decode"] / wall["pv_1proc"], 3),
+        "ratio_1proc": round(wall["decode_1proc"] / wall["pv_1proc"], 3),
+        # the comparison this bench used to make (1-process decode vs N-process prepare), for continuity
+        "ratio_decode_1proc_vs_pv": round(wall["decode_1proc"] / wall["pv"], 3),
         "ratio_cpu": round(cpu["decode"] / cpu["pv"], 3),
-        "ratio_cpu_1proc": round(cpu["decode"] / cpu["pv_1proc"], 3),
+        "ratio_cpu_1proc": round(cpu["decode_1proc"] / cpu["pv_1proc"], 3),
         "prepare_warm_cache_s": round(warm, 2),
     }
     loads = ", ".join(f"{r['load_avg_1m']:.1f}" for r in rounds)
@@ -133,15 +156,25 @@ def main() -> None:
     def line(name: str, w: float, c: float) -> None:
         print(f"{name:30}{w:8.2f}{n / w:9.1f}{c:8.2f}{n / c:11.1f}")
 
-    line("decode-only (1 process)", wall["decode"], cpu["decode"])
+    line(f"decode-only ({workers} proc)", wall["decode"], cpu["decode"])
     line(f"prepare --no-cache ({workers} proc)", med["prepare_s"], med["prepare_cpu_s"])
-    line("prepare --no-cache (1 proc)", med["prepare_1proc_s"], med["prepare_1proc_cpu_s"])
     line("validate (GX + Data Docs)", med["validate_s"], med["validate_cpu_s"])
     line(f"prepare+validate ({workers} proc)", wall["pv"], cpu["pv"])
+    line("decode-only (1 proc)", wall["decode_1proc"], cpu["decode_1proc"])
+    line("prepare --no-cache (1 proc)", med["prepare_1proc_s"], med["prepare_1proc_cpu_s"])
     line("prepare+validate (1 proc)", wall["pv_1proc"], cpu["pv_1proc"])
-    verdict = "met" if out["ratio"] >= 0.5 else "NOT met"
-    print(f"ratio prepare+validate / decode-only: wall {out['ratio']:.2f}x ({verdict}; target >= 0.5), "
-          f"1 proc {out['ratio_1proc']:.2f}x; per CPU-second {out['ratio_cpu']:.2f}x, 1 proc {out['ratio_cpu_1proc']:.2f}x")
+
+    def verdict(x: float) -> str:
+        return "met" if x >= 0.5 else "NOT met"
+
+    print(f"ratio prepare+validate / decode-only, same process count (target >= 0.5): "
+          f"{workers} proc {out['ratio']:.2f}x ({verdict(out['ratio'])}), "
+          f"1 proc {out['ratio_1proc']:.2f}x ({verdict(out['ratio_1proc'])}); "
+          f"per CPU-second {out['ratio_cpu']:.2f}x / {out['ratio_cpu_1proc']:.2f}x")
+    print(f"(earlier definition, 1-proc decode vs {workers}-proc prepare+validate: {out['ratio_decode_1proc_vs_pv']:.2f}x)")
+    print(f"budget: the target allows prepare+validate <= 2x decode-only; validate alone (mostly the Great "
+          f"Expectations import) is {med['validate_s'] / wall['decode_1proc']:.2f}x the 1-proc decode, leaving prepare "
+          f"{2 - med['validate_s'] / wall['decode_1proc']:.2f}x (it takes {med['prepare_1proc_s'] / wall['decode_1proc']:.2f}x)")
     print(f"prepare with a warm stats cache: {warm:.2f} s")
     if a.json:
         a.json.write_text(json.dumps(out, indent=2) + "\n")

@@ -7,6 +7,7 @@ every `imagecheck` rule, and two different seeds are never near-duplicates of ea
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -15,7 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BATCH_001 = Path("/work/shared/incoming/batch-001")
+# The team's shared folder: $COVID_CXR_SHARED, else beside the checkout (the rule of tests/conftest.py;
+# recomputed here because `from conftest import ...` can pick up a sub-folder's conftest module).
+SHARED = Path(os.environ.get("COVID_CXR_SHARED", Path(__file__).resolve().parents[1].parent / "shared")).resolve()
+BATCH_001 = SHARED / "incoming" / "batch-001"
 KAGGLE = "COVID-19_Radiography_Dataset"
 
 
@@ -182,6 +186,24 @@ def resaved(src: Path | str, path: Path | str, size: int = 299, fmt: str = "PNG"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     im.resize((size, size), Image.Resampling.BILINEAR).save(path, fmt)
+    return path
+
+
+def recropped(
+    src: Path | str, path: Path | str, crop: tuple[float, float, float, float] = (0.06, 0.03, 0.02, 0.10),
+    size: int | None = None,
+) -> Path:
+    """The same film re-cropped: `crop` = the fraction cut off the (left, top, right, bottom) edge,
+    then resized back to the original size (or `size`), as a re-published copy of a scan is."""
+    im = Image.open(src)
+    im.load()
+    w, h = im.size
+    l, t, r, b = crop
+    box = (round(l * w), round(t * h), round(w - r * w), round(h - b * h))
+    out = im.crop(box).resize((size, size) if size else (w, h), Image.Resampling.BICUBIC)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path, "PNG")
     return path
 
 

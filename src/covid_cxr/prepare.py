@@ -1,8 +1,10 @@
 """Stage `prepare`: data/ -> artifacts/data/manifest.csv (one row per image, with its split).
 
 - Per-image stats come from `imagecheck` (the same code as `covid-cxr data check`).
-- Near-duplicate groups: union-find over exact sha256 matches and `dhash` Hamming distance
-  <= prepare.near_dup_bits. A group never straddles splits.
+- Near-duplicate groups: union-find over exact sha256 matches, `dhash` Hamming distance
+  <= prepare.near_dup_bits (re-exports of a film) and the same-film score >= prepare.near_dup_corr
+  (re-crops of a film, and near-identical films of one patient; see `imagecheck`). A group never
+  straddles splits.
 - Split: per class (a group's class is its most common label), groups are ordered by
   sha256(f"{seed}:{group}") and cut at valid_frac / test_frac of that class's images. Deterministic
   for a seed, and adding images only moves groups that sit near a cut.
@@ -21,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import CLASSES, Paths, load_params
-from .imagecheck import Limits, StatsCache, compute_stats, default_cache_dir, scan_source
+from .imagecheck import Limits, StatsCache, compute_stats, decode_thumbs, default_cache_dir, film_pairs, scan_source
 
 MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "bytes", "group", "split")
 SPLITS = ("train", "valid", "test")
@@ -62,8 +64,24 @@ def near_pairs(hashes: Sequence[int | None], bits: int, block: int = 1024) -> li
     return out
 
 
-def group_ids(shas: Sequence[str], hashes: Sequence[int | None], bits: int) -> list[str]:
-    """Near-duplicate group per item: 'g' + the first 12 hex of the smallest sha256 in the group."""
+def same_film_pairs(thumbs: Sequence[str | None], corr: float) -> list[tuple[int, int, float]]:
+    """(i, j, score) for every pair of encoded thumbnails (`imagecheck.encode_thumb`) scoring >= corr."""
+    t, has = decode_thumbs(thumbs)
+    idx = np.nonzero(has)[0]
+    return [(int(idx[i]), int(idx[j]), s) for i, j, s in film_pairs(t[idx], corr)]
+
+
+def group_ids(
+    shas: Sequence[str],
+    hashes: Sequence[int | None],
+    bits: int,
+    thumbs: Sequence[str | None] | None = None,
+    corr: float | None = None,
+) -> list[str]:
+    """Near-duplicate group per item: 'g' + the first 12 hex of the smallest sha256 in the group.
+
+    Joined: equal sha256; hashes within `bits`; and, given `thumbs` and `corr`, same-film pairs.
+    """
     n = len(shas)
     uf = _UnionFind(n)
     first: dict[str, int] = {}
@@ -74,6 +92,9 @@ def group_ids(shas: Sequence[str], hashes: Sequence[int | None], bits: int) -> l
             first[s] = i
     for i, j in near_pairs(hashes, bits):
         uf.union(i, j)
+    if thumbs is not None and corr is not None:
+        for i, j, _ in same_film_pairs(thumbs, corr):
+            uf.union(i, j)
     roots = [uf.find(i) for i in range(n)]
     name: dict[int, str] = {}
     for i, r in enumerate(roots):
@@ -136,7 +157,8 @@ def build_manifest(
     stats = compute_stats([f.path for f in files], limits.max_pixels, workers=workers, cache=cache,
                           progress=progress, desc="prepare: image stats")
     labels = [f.label or (f.folder or "") for f in files]
-    groups = group_ids([s["sha256"] for s in stats], [s["dhash"] for s in stats], limits.near_dup_bits)
+    groups = group_ids([s["sha256"] for s in stats], [s["dhash"] for s in stats], limits.near_dup_bits,
+                       [s.get("thumb") for s in stats], limits.near_dup_corr)
     splits = assign_splits(groups, labels, int(pp.get("seed", 42)), float(pp.get("valid_frac", 0.15)),
                            float(pp.get("test_frac", 0.15)))
     rows = []

@@ -49,5 +49,5 @@ def data_dir(project) -> Path:
 def real_images():
     imgs = imgfactory.real_images(2)
     if not imgs:
-        pytest.skip("/work/shared/incoming/batch-001 is not available")
+        pytest.skip(f"{imgfactory.BATCH_001} is not available (set COVID_CXR_SHARED or put shared/ beside the checkout)")
     return imgs

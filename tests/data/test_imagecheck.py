@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import imgfactory as fx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -120,6 +121,48 @@ def test_hash_catches_reexports_but_separates_different_films(real_images, tmp_p
             assert ic.hamming(hashes[k], ic.check_file(q, LIMITS)["dhash"]) <= LIMITS.near_dup_bits
 
 
+def _thumb(path: Path):
+    return ic.decode_thumbs([ic.file_stats(path, LIMITS.max_pixels)["thumb"]])[0][0]
+
+
+def test_thumbnail_is_stored_as_uint8_base64(tmp_path):
+    st = ic.file_stats(fx.png_gray(tmp_path / "a.png", seed=3), LIMITS.max_pixels)
+    t, has = ic.decode_thumbs([st["thumb"], None])
+    assert has.tolist() == [True, False] and t.shape == (2, ic.HASH_GRID, ic.HASH_GRID)
+    assert abs(float(t[0].std()) - st["std"]) < 0.5  # the same thumbnail as the std (and the hash)
+    assert ic.file_stats(fx.zero_bytes(tmp_path / "z.png"), LIMITS.max_pixels)["thumb"] is None
+
+
+def test_film_score_matches_recrops_and_reexports_not_other_films(tmp_path):
+    films = [fx.png_gray(tmp_path / f"f{k}.png", seed=k) for k in range(300, 306)]
+    t = np.stack([_thumb(f) for f in films])
+    copies = [
+        fx.recropped(films[0], tmp_path / "c0.png", (0.03, 0.02, 0.0, 0.04)),
+        fx.recropped(films[1], tmp_path / "c1.png", (0.10, 0.05, 0.10, 0.05)),  # larger: scored, if a candidate
+        fx.recropped(films[2], tmp_path / "c2.png", (0.02, 0.02, 0.02, 0.02), size=299),
+        fx.resaved(films[3], tmp_path / "c3.jpeg", 512, "JPEG"),
+    ]
+    c = np.stack([_thumb(f) for f in copies])
+    assert (ic.film_scores(t[:4], c) >= 0.95).all()
+    i, j = np.triu_indices(len(t), 1)
+    assert ic.film_scores(t[i], t[j]).max() < 0.7
+    pairs = ic.film_pairs(t, 0.85, others=c)
+    assert {(a, b) for a, b, _ in pairs} <= {(0, 0), (1, 1), (2, 2), (3, 3)}
+    assert {(0, 0), (2, 2), (3, 3)} <= {(a, b) for a, b, _ in pairs}  # small crops are always candidates
+    assert ic.film_pairs(t, 0.85) == []
+
+
+def test_film_score_on_real_films(real_images, tmp_path):
+    files = [f for fs in real_images.values() for f in fs]
+    t = np.stack([_thumb(f) for f in files])
+    i, j = np.triu_indices(len(t), 1)
+    assert ic.film_scores(t[i], t[j]).max() < 0.85
+    copies = [fx.recropped(f, tmp_path / f"c{k}.png", (0.02, 0.0, 0.01, 0.02)) for k, f in enumerate(files)]
+    c = np.stack([_thumb(f) for f in copies])
+    assert (ic.film_scores(t, c) >= 0.9).all()
+    assert sorted((a, b) for a, b, _ in ic.film_pairs(t, 0.85, others=c)) == [(k, k) for k in range(len(files))]
+
+
 def test_hamming_vectorised():
     import numpy as np
 
@@ -199,6 +242,20 @@ def test_check_batch_kaggle_layout_skips_masks_and_lung_opacity(data_dir, tmp_pa
     results, scan = ic.check_source(tmp_path / "kaggle", data_dir, limits=LIMITS)
     assert [(Path(r["path"]).name, r["label"], r["reason"]) for r in results] == [("COVID-9.png", "COVID", "ok")]
     assert dict(scan.skipped) == {"masks/": 1, "Lung_Opacity/": 1, "*.xlsx": 1, "README/licence": 1}
+
+
+def test_recropped_copy_of_a_data_film_is_accepted_and_marked(data_dir, tmp_path, project):
+    existing = data_dir / ic.KAGGLE_ROOT / "Normal" / "images" / "Normal-1.png"
+    fx.recropped(existing, tmp_path / "b" / "Normal" / "crop.png", (0.03, 0.02, 0.0, 0.04))
+    fx.png_gray(tmp_path / "b" / "Normal" / "new.png", seed=51)
+    res = {Path(r["path"]).name: r for r in ic.check_batch(tmp_path / "b", data_dir, limits=LIMITS)}
+    assert res["crop.png"]["reason"] == "ok" and res["crop.png"]["accepted"]
+    assert res["crop.png"]["same_film_as"] == str(existing) and res["crop.png"]["film_corr"] >= LIMITS.near_dup_corr
+    assert "same_film_as" not in res["new.png"]
+    assert ic.summarize(list(res.values()))["accepted_same_film"] == 1
+    r = CliRunner().invoke(app, ["data", "check", str(tmp_path / "b"), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output  # marked, never rejected
+    assert "1 accepted file(s) look like a re-crop of a film already in data/" in r.output
 
 
 def test_near_duplicates_inside_a_batch_are_both_accepted(data_dir, tmp_path):

@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import imgfactory as fx
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +33,42 @@ def test_near_pairs_matches_brute_force(base, bits, rnd):
     want = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
             if hashes[i] is not None and hashes[j] is not None and hamming(hashes[i], hashes[j]) <= bits}
     assert set(prepare.near_pairs(hashes, bits, block=7)) == want
+
+
+def _thumbs(arrays):
+    from covid_cxr.imagecheck import encode_thumb, thumbnail
+
+    return [encode_thumb(thumbnail(a)) for a in arrays]
+
+
+def _recrop(gray, crop):
+    from PIL import Image
+
+    h, w = gray.shape
+    l, t, r, b = crop
+    im = Image.fromarray(gray).crop((round(l * w), round(t * h), round(w - r * w), round(h - b * h)))
+    return np.asarray(im.resize((w, h), Image.Resampling.BICUBIC))
+
+
+def test_groups_join_recropped_copies_but_not_other_films():
+    films = [fx.gray_array(256, seed) for seed in range(200, 206)]
+    copies = [_recrop(films[0], (0.03, 0.02, 0.0, 0.04)), _recrop(films[3], (0.0, 0.04, 0.02, 0.01))]
+    arrays = films + copies
+    shas = [f"{k:x}" * 64 for k in range(len(arrays))]  # group names use the first 12 hex digits
+    hashes = [None] * len(arrays)  # the hash alone never joins these: only the thumbnails decide
+    g = prepare.group_ids(shas, hashes, 4, _thumbs(arrays), corr=0.85)
+    assert g[6] == g[0] and g[7] == g[3]
+    assert len(set(g)) == 6  # nothing else joined
+    # without thumbnails (or without the bar) the copies stay alone, as before
+    assert len(set(prepare.group_ids(shas, hashes, 4))) == 8
+    assert len(set(prepare.group_ids(shas, hashes, 4, _thumbs(arrays), corr=None))) == 8
+
+
+def test_same_film_pairs_skip_files_without_a_thumbnail():
+    a = fx.gray_array(256, 7)
+    thumbs = _thumbs([a, _recrop(a, (0.02, 0.02, 0.02, 0.02))])
+    pairs = prepare.same_film_pairs([None, thumbs[0], None, thumbs[1]], 0.85)
+    assert [(i, j) for i, j, _ in pairs] == [(1, 3)] and pairs[0][2] >= 0.95
 
 
 def test_groups_join_exact_and_near_duplicates_transitively():
@@ -123,6 +160,18 @@ def test_split_changes_with_the_seed_and_hits_the_fractions():
         assert (c["valid"], c["test"], c["train"]) == (450, 450, 2100)
 
 
+def test_prepare_keeps_a_recropped_copy_in_its_films_split(data_dir, project):
+    covid = fx.kaggle_dir(data_dir, "COVID")
+    fx.recropped(covid / "COVID-0.png", covid / "COVID-0-crop.png", (0.04, 0.0, 0.02, 0.03))
+    normal = fx.kaggle_dir(data_dir, "Normal")
+    fx.recropped(normal / "Normal-1.png", normal / "Normal-1-crop.png", (0.02, 0.03, 0.03, 0.02), size=299)
+    rows = {Path(r["path"]).name: r for r in prepare.build_manifest(project, use_cache=False)}
+    assert len(rows) == 8
+    for a, b in (("COVID-0.png", "COVID-0-crop.png"), ("Normal-1.png", "Normal-1-crop.png")):
+        assert (rows[a]["group"], rows[a]["split"]) == (rows[b]["group"], rows[b]["split"])
+    assert len({r["group"] for r in rows.values()}) == 6
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -140,6 +189,7 @@ def test_prepare_writes_the_manifest_contract(project, real_images):
     covid = fx.kaggle_dir(data, "COVID")
     first = sorted(covid.glob("*.png"))[0]
     fx.resaved(first, covid / "zz-resaved-299.png", 299)  # near-duplicate: same group
+    fx.recropped(first, covid / "zz-recropped.png", (0.02, 0.0, 0.01, 0.02))  # same film re-cropped: same group
     (covid / "zz-exact.png").write_bytes(first.read_bytes())  # exact duplicate: same group
     fx.truncated(fx.kaggle_dir(data, "Normal") / "broken.png")
     fx.png_gray(fx.kaggle_dir(data, "Pneumothorax") / "x.png", seed=5)  # unknown class: recorded as is
@@ -152,7 +202,7 @@ def test_prepare_writes_the_manifest_contract(project, real_images):
     rows = read_manifest(project / "artifacts" / "data" / "manifest.csv")
     assert list(rows[0]) == list(prepare.MANIFEST_COLUMNS)
     by = {r["path"]: r for r in rows}
-    assert len(rows) == 6 + 2 + 1 + 1
+    assert len(rows) == 6 + 3 + 1 + 1
     assert all(p.startswith("data/COVID-19_Radiography_Dataset/") and "\\" not in p for p in by)
     assert all((project / p).is_file() for p in by)
     base = "data/COVID-19_Radiography_Dataset/"
@@ -160,8 +210,10 @@ def test_prepare_writes_the_manifest_contract(project, real_images):
     assert (f["label"], f["width"], f["height"], f["mode"], int(f["bytes"])) == (
         "COVID", "256", "256", "L", first.stat().st_size)
     near, exact = by[base + "COVID/images/zz-resaved-299.png"], by[base + "COVID/images/zz-exact.png"]
-    assert near["group"] == exact["group"] == f["group"]
-    assert near["split"] == exact["split"] == f["split"]
+    crop = by[base + "COVID/images/zz-recropped.png"]
+    assert near["group"] == exact["group"] == crop["group"] == f["group"]
+    assert near["split"] == exact["split"] == crop["split"] == f["split"]
+    assert Counter(r["group"] for r in rows)[f["group"]] == 4  # and the other real films are not in it
     assert near["width"] == "299"
     broken = by[base + "Normal/images/broken.png"]
     assert broken["width"] == broken["height"] == broken["mode"] == "" and broken["label"] == "Normal"
