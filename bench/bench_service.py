@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from covid_cxr.config import CLASSES, Paths  # noqa: E402
 
-INCOMING = Path("/work/shared/incoming/batch-001")
+INCOMING = Path(os.environ.get("COVID_CXR_SHARED", Path(__file__).resolve().parents[1].parent / "shared")) / "incoming" / "batch-001"
 
 
 def free_port() -> int:

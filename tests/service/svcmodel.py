@@ -2,7 +2,7 @@
 
 ImageNet-pretrained mobilenet_v2 from the offline wheel, a head fitted for a few
 steps on pooled features of a handful of real X-rays (the first files of each class
-of /work/shared/incoming/batch-001), and an OOD model fitted on those same features.
+of ../shared/incoming/batch-001), and an OOD model fitted on those same features.
 Saved with `model_io.save_model`, exactly like `train` does. Seconds on a CPU.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from covid_cxr.config import CLASSES
 
-INCOMING = Path("/work/shared/incoming/batch-001")
+from imgfactory import BATCH_001 as INCOMING  # $COVID_CXR_SHARED or <repo>/../shared
 
 
 def real_images(n_per_class: int) -> list[tuple[Path, int]]:
