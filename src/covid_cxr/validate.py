@@ -7,7 +7,8 @@ Three frames are validated, all with GX (pandas datasource, ephemeral context):
   validate.split_tolerance of the requested one; the per-class rows check the stratification);
 - `groups`: one row per near-duplicate group, derived (a group sits in exactly one split).
 
-Writes artifacts/validation/summary.json (a DVC metric) and GX Data Docs under
+Writes artifacts/validation/summary.json (counts and pass/fail: a DVC metric), results.json
+(every expectation with details) and GX Data Docs under
 artifacts/validation/docs/. On failure: exit 1, naming each failed expectation with example files.
 """
 from __future__ import annotations
@@ -301,9 +302,12 @@ def run(root: Path | None = None, *, docs: bool = True) -> dict[str, Any]:
     summary = run_suite(df, params, docs_dir if docs else None)
     if docs:
         summary["docs"] = os.path.relpath(docs_dir / "index.html", paths.root)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "summary.json")
+    # results.json: every expectation with its details; summary.json: the numbers (a DVC metric).
+    metric = {k: summary[k] for k in ("success", "n_expectations", "n_failed", "counts", "failed") if k in summary}
+    for name, obj in (("results.json", summary), ("summary.json", metric)):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, out / name)
     if not summary["success"]:
         raise ValidationFailed(summary, failure_message(summary))
     return summary
@@ -321,7 +325,7 @@ def register(app, data_app) -> None:
             s = run(docs=docs)
         except ValidationFailed as e:
             typer.echo(str(e), err=True)
-            typer.echo("Details: artifacts/validation/summary.json and artifacts/validation/docs/index.html", err=True)
+            typer.echo("Details: artifacts/validation/results.json and artifacts/validation/docs/index.html", err=True)
             raise typer.Exit(1)
         c = s["counts"]
         typer.echo(

@@ -52,8 +52,10 @@ def test_good_manifest_passes_and_writes_summary_and_docs(project):
     for split, n in Counter(r["split"] for r in rows).items():
         assert s["counts"][split] == n
     assert abs(s["counts"]["test"] - 450) <= 2
-    on_disk = json.loads((project / "artifacts/validation/summary.json").read_text())
+    on_disk = json.loads((project / "artifacts/validation/results.json").read_text())
     assert on_disk["success"] is True and set(on_disk["expectations"]) == EXPECTED
+    metric = json.loads((project / "artifacts/validation/summary.json").read_text())
+    assert metric["success"] is True and metric["n_failed"] == 0 and "expectations" not in metric
     index = project / "artifacts/validation/docs/index.html"
     assert index.is_file()
     pages = list((project / "artifacts/validation/docs/validations").rglob("*.html"))
