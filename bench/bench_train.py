@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="training batches per measurement")
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--partial", type=int, default=2, help="backbone groups trained in the partial variant (of 4)")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     paths = Paths()
@@ -98,7 +99,7 @@ def main() -> None:
                  _fit_rate(learner(build(cfg["arch"]), image_dls(cache, labels, tr, va, cfg_nchw, norm)), n)))
     dls = image_dls(cache, labels, tr, va, cfg, norm)
     rows.append(("+ channels_last", _fit_rate(learner(build(cfg["arch"]), dls, channels_last=True), n)))
-    k = int(cfg["unfreeze_groups"])
+    k = int(a.partial or cfg["unfreeze_groups"])
     rows.append((f"+ partial unfreeze (top {k} groups)",
                  _fit_rate(learner(build(cfg["arch"]), dls, groups_trainable=k, channels_last=True), n)))
     if a.compile:
