@@ -7,6 +7,18 @@ from typing import Any
 from .config import CLASSES
 
 
+def _ood_threshold(meta: dict[str, Any]) -> str:
+    ood = meta.get("ood")
+    return f"{ood['threshold']:.2f}" if isinstance(ood, dict) and "threshold" in ood else "n/a"
+
+
+def _resolution(meta: dict[str, Any]) -> str:
+    p = meta.get("params", {})
+    if p.get("final_size") and p.get("final_size") != p.get("size"):
+        return f"{p.get('size')} px, then {p.get('final_size')} px (progressive resizing)"
+    return f"{meta.get('image_size')} px"
+
+
 def render_model_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
     p = meta.get("params", {})
     rows = "\n".join(
@@ -22,14 +34,15 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
 
 ## Model
 - Architecture: `{meta.get('arch')}` (ImageNet-pretrained, from an offline PyPI wheel), fine-tuned with fastai:
-  a frozen phase on cached features, then the top {p.get('unfreeze_groups')} backbone groups unfrozen,
-  one-cycle schedules with discriminative learning rates.
+  a frozen phase on cached features, then the top {p.get('unfreeze_groups')} of 4 backbone groups unfrozen
+  at {_resolution(meta)}, one-cycle schedules with discriminative learning rates.
 - Input: greyscale, resized to {meta.get('image_size')} x {meta.get('image_size')} px, replicated to 3 channels,
   normalised with mean {meta.get('normalize', {}).get('mean')} / std {meta.get('normalize', {}).get('std')}.
 - Profile `{p.get('profile')}`, params hash `{meta.get('params_hash')}`, git `{meta.get('git_sha')}`.
 - Calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split.
-- Out-of-distribution guard: Mahalanobis distance on PCA-reduced pooled features; threshold at the
-  validation {meta.get('ood', {}).get('threshold', 'n/a') if isinstance(meta.get('ood'), dict) else 'n/a'} score.
+- Out-of-distribution guard: class-conditional Mahalanobis distance on PCA-reduced pooled features plus
+  the off-subspace residual; threshold {_ood_threshold(meta)}, a high quantile of the validation scores
+  (`evaluate.ood_quantile`).
 
 ## Data
 - Dataset version (DVC `data.dvc` md5): `{meta.get('data_md5')}`.
