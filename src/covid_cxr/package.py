@@ -78,23 +78,23 @@ def _clean(obj: Any) -> Any:
 
 
 def _git_sha(root: Path) -> str:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() if r.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    from .train import git_sha
+
+    return git_sha(root) or "unknown"
 
 
 def params_hash(meta: dict[str, Any], root: Path) -> str:
-    """sha256 of the training params recorded in model.json (else params.yaml), 12 hex chars."""
-    params = meta.get("params")
-    if not params:
-        try:
-            p = load_params(root / "params.yaml")
-            params = {k: p.get(k) for k in ("train", "evaluate", "gate")}
-        except OSError:
-            params = {}
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """The params hash the train stage recorded in model.json (one definition: train.params_hash)."""
+    if meta.get("params_hash"):
+        return str(meta["params_hash"])
+    from .train import params_hash as _hash
+
+    try:
+        p = load_params(root / "params.yaml")
+        params = {k: p.get(k) for k in ("train", "evaluate", "gate")}
+    except OSError:
+        params = {}
+    return _hash(params)
 
 
 def _tolerance(paths: Paths) -> float:
