@@ -58,4 +58,6 @@ def train_config(params: dict[str, Any]) -> dict[str, Any]:
     cfg["profile"] = prof
     cfg["seed"] = t.get("seed", 42)
     cfg["augment"] = dict(t.get("augment", {}))
+    cfg["label_smoothing"] = t["label_smoothing"]
+    cfg["mixup"] = t["mixup"]
     return cfg

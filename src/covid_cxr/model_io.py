@@ -1,4 +1,4 @@
-"""Weights-only model files: `model.safetensors` + `model.json` (+ `ood.safetensors`).
+"""Weights-only model files: `model.safetensors` + `model.json` (+ `ood.safetensors`, the novelty model).
 
 Serving, evaluation and the champion check load models only through here.
 Nothing is ever unpickled.
@@ -6,9 +6,9 @@ Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from .config import CLASSES
 from .models import CxrNet, build
 from .preprocess import Norm, normalize_batch
+from .verdict import Policy, decide
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -77,13 +78,76 @@ class OodModel:
         return t
 
 
+class Novelty:
+    """How unlike the training films an input is: content and acquisition style together.
+
+    Two OodModels, each on its own features: `content` on the pooled features (what the film
+    shows), `style` on early-layer activation statistics (how it was acquired and processed;
+    models.STYLE_TAPS). Each part's score is divided by its own validation quantile (`scales`),
+    the novelty score is the larger of the two, and `threshold` is that score's validation
+    quantile. Everything is fitted on train (means, covariances) and valid (scales, threshold).
+    """
+
+    def __init__(self, parts: dict[str, OodModel], scales: dict[str, float], threshold: float):
+        self.parts, self.scales, self.threshold = parts, scales, threshold
+
+    def score(self, content: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
+        feats = {"content": content, "style": style}
+        s = [self.parts[k].score(feats[k]) / self.scales[k] for k in self.parts if feats.get(k) is not None]
+        return torch.stack(s).amax(0)
+
+    @classmethod
+    def fit(cls, train: dict[str, np.ndarray], labels: np.ndarray, valid: dict[str, torch.Tensor],
+            quantile: float, n_components: dict[str, int]) -> "Novelty":
+        parts = {k: OodModel.fit(train[k], labels, n_components=n_components[k]) for k in train}
+        scales = {k: float(torch.quantile(parts[k].score(valid[k]), quantile)) for k in parts}
+        nov = cls(parts, scales, float("inf"))
+        nov.threshold = float(torch.quantile(nov.score(valid["content"], valid.get("style")), quantile))
+        return nov
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{k}.{n}": t for k, m in self.parts.items() for n, t in m.tensors().items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "max(content, style) of mahalanobis-pca+residual", "threshold": self.threshold,
+                "scales": self.scales, "components": {k: int(m.components.shape[0]) for k, m in self.parts.items()}}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], desc: dict[str, Any]) -> "Novelty":
+        if "scales" not in desc:  # a model saved before the style part: content only, unscaled
+            m = OodModel(t["mean"], t["components"], t["class_means"], t["precision"], float(desc["threshold"]),
+                         t.get("resid_mean"))
+            return cls({"content": m}, {"content": 1.0}, float(desc["threshold"]))
+        parts = {}
+        for k in desc["scales"]:
+            g = {n.split(".", 1)[1]: v for n, v in t.items() if n.startswith(k + ".")}
+            parts[k] = OodModel(g["mean"], g["components"], g["class_means"], g["precision"], float("inf"),
+                                g.get("resid_mean"))
+        return cls(parts, {k: float(v) for k, v in desc["scales"].items()}, float(desc["threshold"]))
+
+
+@dataclass
+class Predictions:
+    """One batch through the model: calibrated probabilities, novelty and the verdict."""
+
+    logits: np.ndarray            # (N, C) raw
+    probs: np.ndarray             # (N, C) after temperature scaling
+    novelty: np.ndarray | None    # (N,) novelty score, None without a novelty model
+    novel: np.ndarray             # (N,) bool: novelty over threshold
+    verdict: list[str]            # "ok" | "refer"
+    reason: list[str | None]      # verdict.REASONS key, None when ok
+
+    @property
+    def labels(self) -> list[str]:
+        return [CLASSES[i] for i in self.probs.argmax(1)]
+
+
 @dataclass
 class LoadedModel:
     net: CxrNet
     meta: dict[str, Any]
-    ood: OodModel | None = None
+    ood: Novelty | None = None
     channels_last: bool = True
-    classes: tuple[str, ...] = field(default=CLASSES)
 
     @property
     def size(self) -> int:
@@ -98,31 +162,38 @@ class LoadedModel:
     def temperature(self) -> float:
         return float(self.meta.get("temperature", 1.0))
 
+    @property
+    def policy(self) -> Policy:
+        return Policy.from_meta(self.meta)
+
     def to_input(self, grays) -> torch.Tensor:
         """uint8 (B,H,W) at `size` -> normalised float batch."""
         return normalize_batch(grays, self.norm, self.channels_last)
 
     @torch.inference_mode()
-    def forward(self, grays) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (raw logits, pooled features)."""
-        x = self.to_input(grays)
-        feats = self.net.features(x)
-        return self.net.head(feats), feats
+    def forward(self, grays) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (raw logits, pooled features, style vector)."""
+        feats, style = self.net.embed(self.to_input(grays))
+        return self.net.head(feats), feats, style
 
     @torch.inference_mode()
-    def predict(self, grays) -> dict[str, np.ndarray]:
-        """Calibrated probabilities, raw logits, and OOD score/flag for a batch."""
-        logits, feats = self.forward(grays)
-        probs = torch.softmax(logits / self.temperature, dim=1)
-        out = {"logits": logits.numpy(), "probs": probs.numpy()}
+    def predict(self, grays, not_xray: Sequence[str | None] | None = None) -> Predictions:
+        """Calibrated probabilities, novelty and verdict for a batch of (B,S,S) uint8 films.
+
+        `not_xray[i]`: the data-check rule (`not_xray_colour`, `not_xray_blank`) that image i
+        failed before it was made grey, or None.
+        """
+        logits, feats, style = self.forward(grays)
+        probs = torch.softmax(logits / self.temperature, dim=1).numpy()
+        novelty, novel = None, np.zeros(len(probs), bool)
         if self.ood is not None:
-            s = self.ood.score(feats)
-            out["ood_score"] = s.numpy()
-            out["in_distribution"] = (s <= self.ood.threshold).numpy()
-        return out
+            novelty = self.ood.score(feats, style).numpy()
+            novel = novelty > self.ood.threshold
+        verdicts, reasons = decide(probs, novel, self.policy, not_xray)
+        return Predictions(logits.numpy(), probs, novelty, novel, verdicts, reasons)
 
 
-def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: OodModel | None = None) -> None:
+def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: Novelty | OodModel | None = None) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
@@ -130,10 +201,12 @@ def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: OodModel |
     meta = dict(meta)
     meta.setdefault("classes", list(CLASSES))
     meta["arch"] = net.arch
+    if isinstance(ood, OodModel):
+        ood = Novelty({"content": ood}, {"content": 1.0}, ood.threshold)
     if ood is not None:
         save_file({k: v.contiguous() for k, v in ood.tensors().items()}, str(out_dir / OOD))
-        meta["ood"] = {"kind": "mahalanobis-pca+residual", "threshold": ood.threshold,
-                       "components": int(ood.components.shape[0])}
+        meta["ood"] = ood.describe()
+        meta.setdefault("verdict", {})["novelty_threshold"] = ood.threshold
     (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -153,7 +226,5 @@ def load_model(model_dir: Path, channels_last: bool = True) -> LoadedModel:
         net = net.to(memory_format=torch.channels_last)
     ood = None
     if (model_dir / OOD).exists() and "ood" in meta:
-        t = load_file(str(model_dir / OOD))
-        ood = OodModel(t["mean"], t["components"], t["class_means"], t["precision"], float(meta["ood"]["threshold"]),
-                       t.get("resid_mean"))
+        ood = Novelty.from_tensors(load_file(str(model_dir / OOD)), meta["ood"])
     return LoadedModel(net=net, meta=meta, ood=ood, channels_last=channels_last)

@@ -76,6 +76,12 @@ def _efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, int, list[nn.Modul
 
 _BUILDERS = {"mobilenet_v2": _mobilenet_v2, "efficientnet_lite0": _efficientnet_lite0}
 
+# Early body modules whose activation statistics describe how a film was acquired and
+# processed (sharpness, noise, contrast) rather than what it shows: the "style" half of the
+# novelty score (model_io.Novelty). mobilenet_v2: after the first inverted residual (16 ch,
+# 1/2 res), the 24-ch (1/4) and 32-ch (1/8) stages; efficientnet_lite0: its first three block stages.
+STYLE_TAPS = {"mobilenet_v2": (1, 3, 6), "efficientnet_lite0": (2, 3, 4)}
+
 
 class ConcatPool(nn.Module):
     """Average and max pooling side by side (fastai's AdaptiveConcatPool2d)."""
@@ -110,6 +116,21 @@ class CxrNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.body(x))
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One body pass -> (pooled features, style vector).
+
+        The style vector is, for each tap in STYLE_TAPS, the per-channel spatial mean and
+        log standard deviation of that module's output.
+        """
+        taps = set(STYLE_TAPS[self.arch])
+        style = []
+        for i, m in enumerate(self.body):
+            x = m(x)
+            if i in taps:
+                f = x.float().flatten(2)
+                style += [f.mean(2), f.std(2).clamp_min(1e-6).log()]
+        return self.pool(x), torch.cat(style, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

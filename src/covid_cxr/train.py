@@ -59,10 +59,16 @@ def params_hash(cfg: dict[str, Any]) -> str:
 
 
 class _CacheDS:
-    """fastai-compatible dataset over the uint8 cache: (TensorImage 1xHxW, TensorCategory)."""
+    """fastai-compatible dataset over the uint8 cache: (TensorImage 1xHxW, TensorCategory).
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    `acquisition` (training only) re-processes each film as another site might have
+    (augment.Acquisition), on the uint8 pixels, before the shared normalisation.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, acquisition=None, seed: int = 0):
         self.images, self.labels = images, labels
+        self.acquisition = acquisition
+        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,7 +77,10 @@ class _CacheDS:
         from fastai.vision.all import TensorCategory, TensorImage
         import torch
 
-        return TensorImage(torch.from_numpy(np.array(self.images[i]))[None]), TensorCategory(int(self.labels[i]))
+        g = np.array(self.images[i])
+        if self.acquisition:
+            g = self.acquisition(g, self.rng)
+        return TensorImage(torch.from_numpy(g)[None]), TensorCategory(int(self.labels[i]))
 
 
 def batch_tfms(cfg: dict[str, Any], norm, split_idx: int):
@@ -99,33 +108,38 @@ def batch_tfms(cfg: dict[str, Any], norm, split_idx: int):
     return Pipeline(tfms, split_idx=split_idx)
 
 
-def image_dls(cache: np.ndarray, labels: np.ndarray, tr: np.ndarray, va: np.ndarray, cfg, norm):
+def image_dls(cache: np.ndarray, labels: np.ndarray, tr: np.ndarray, va: np.ndarray, cfg, norm, seed: int = 0):
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
 
+    from .augment import Acquisition
+
     bs = int(cfg["batch_size"])
     workers = int(cfg.get("workers", 0))
-    tdl = DataLoader(_CacheDS(cache[tr], labels[tr]), bs=bs, shuffle=True, drop_last=True,
+    acq = Acquisition(cfg["augment"].get("acquisition"))
+    tdl = DataLoader(_CacheDS(cache[tr], labels[tr], acq, seed), bs=bs, shuffle=True, drop_last=True,
                      num_workers=workers, after_batch=batch_tfms(cfg, norm, 0))
     vdl = DataLoader(_CacheDS(cache[va], labels[va]), bs=bs * 2, shuffle=False,
                      num_workers=workers, after_batch=batch_tfms(cfg, norm, 1))
     return DataLoaders(tdl, vdl, device="cpu")
 
 
-def pooled_features(net, images: np.ndarray, norm, bs: int = 64, desc: str = "features", channels_last=True):
-    """Forward the (frozen) body once: -> (N, 2*nf) pooled features, float32."""
+def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "features", channels_last=True):
+    """Forward the body once: -> ((N, 2*nf) pooled features, (N, S) style vectors), float32."""
     import torch
     from tqdm.auto import tqdm
 
     from .preprocess import normalize_batch
 
     net.eval()
-    out = []
+    feats, style = [], []
     with torch.inference_mode():
         for i in tqdm(range(0, len(images), bs), desc=desc, unit="batch"):
             x = normalize_batch(np.asarray(images[i:i + bs]), norm, channels_last)
-            out.append(net.features(x))
-    return torch.cat(out)
+            f, s = net.embed(x)
+            feats.append(f)
+            style.append(s)
+    return torch.cat(feats), torch.cat(style)
 
 
 def fit_temperature(logits, labels) -> float:
@@ -168,12 +182,14 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
     from fastai.learner import Learner
     from fastai.callback.core import Callback
-    from fastai.losses import CrossEntropyLossFlat
+    from fastai.callback.mixup import MixUp
+    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
     from fastai.metrics import accuracy
 
     from .datacache import decoded
-    from .model_io import OodModel, save_model
+    from .model_io import Novelty, save_model
     from .models import arch_norm, build
+    from .verdict import fit_min_confidence
 
     paths = paths or Paths()
     params = params if params is not None else load_params(paths.root / "params.yaml")
@@ -207,8 +223,8 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
 
     # ---- Phase 1: frozen body, head trained on cached pooled features --------------------
     with _timed("frozen phase (cached features)", timings):
-        f_tr = pooled_features(net, cache[tr], norm, desc="body features (train)", channels_last=cl)
-        f_va = pooled_features(net, cache[va], norm, desc="body features (valid)", channels_last=cl)
+        f_tr, _ = embeddings(net, cache[tr], norm, desc="body features (train)", channels_last=cl)
+        f_va, _ = embeddings(net, cache[va], norm, desc="body features (valid)", channels_last=cl)
         y_tr, y_va = torch.as_tensor(labels[tr]), torch.as_tensor(labels[va])
         fdls = DataLoaders(
             DataLoader(list(zip(f_tr, y_tr)), bs=64, shuffle=True, drop_last=len(f_tr) > 64),
@@ -230,6 +246,9 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
 
     history: list[dict[str, float]] = []
     lr = float(cfg["lr_max"])
+    eps = float(cfg["label_smoothing"])
+    loss_func = LabelSmoothingCrossEntropyFlat(eps=eps) if eps > 0 else CrossEntropyLossFlat()
+    mix = float(cfg["mixup"])
     final_size = int(cfg.get("final_size") or size)
     stages = [(size, int(cfg["unfrozen_epochs"]), lr)]
     if final_size != size and int(cfg.get("final_epochs", 0)) > 0:  # progressive resizing
@@ -240,9 +259,10 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         with _timed(f"unfrozen phase @ {st_size}px (top {k} of {len(groups)} groups, {epochs} epochs)", timings):
             st_cache = cache if st_size == size else decoded(df, st_size, paths.root, paths.cache,
                                                               workers=os.cpu_count() or 1)
-            dls = image_dls(st_cache, labels, tr, va, cfg, norm)
-            learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                            splitter=lambda m: m.param_groups(), train_bn=False, cbs=[FrozenInEval()])
+            dls = image_dls(st_cache, labels, tr, va, cfg, norm, seed=int(cfg["seed"]) + st_size)
+            cbs = [FrozenInEval()] + ([MixUp(mix)] if mix > 0 else [])
+            learn = Learner(dls, net, loss_func=loss_func, metrics=accuracy,
+                            splitter=lambda m: m.param_groups(), train_bn=False, cbs=cbs)
             learn.freeze_to(-(k + 1))
             if cfg.get("compile"):
                 learn.model = torch.compile(learn.model)
@@ -253,24 +273,30 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     if final_size != size:
         cache, size = decoded(df, final_size, paths.root, paths.cache, workers=os.cpu_count() or 1), final_size
 
-    # ---- Calibration and OOD, on the final network --------------------------------------------
-    with _timed("temperature + OOD fit", timings):
+    # ---- Calibration, novelty model and refer thresholds: fitted on train + valid only ------
+    vcfg = params["verdict"]
+    with _timed("temperature + novelty fit", timings):
         net.eval()
-        f_tr = pooled_features(net, cache[tr], norm, desc="final features (train)", channels_last=cl)
-        f_va = pooled_features(net, cache[va], norm, desc="final features (valid)", channels_last=cl)
+        f_tr, s_tr = embeddings(net, cache[tr], norm, desc="final features (train)", channels_last=cl)
+        f_va, s_va = embeddings(net, cache[va], norm, desc="final features (valid)", channels_last=cl)
         with torch.inference_mode():
             logits_va = net.head(f_va)
         temperature = fit_temperature(logits_va, labels[va])
         valid_acc = float((logits_va.argmax(1).numpy() == labels[va]).mean())
-        ood = OodModel.fit(f_tr.numpy(), labels[tr])
-        s_va = ood.score(f_va)
-        ood.threshold = float(torch.quantile(s_va, float(params.get("evaluate", {}).get("ood_quantile", 0.99))))
+        parts = tuple(vcfg["novelty_parts"])
+        train_feats = {"content": f_tr.numpy(), "style": s_tr.numpy()}
+        valid_feats = {"content": f_va, "style": s_va}
+        ood = Novelty.fit({k: train_feats[k] for k in parts}, labels[tr], {k: valid_feats[k] for k in parts},
+                          float(vcfg["novelty_quantile"]), dict(vcfg["components"]))
+        p_va = torch.softmax(logits_va / temperature, 1).numpy()
+        min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
 
     meta = {
         "classes": list(CLASSES),
         "image_size": size,
         "normalize": {"mean": list(norm.mean), "std": list(norm.std)},
         "temperature": temperature,
+        "verdict": {"min_confidence": min_conf, "novelty_threshold": ood.threshold},
         "data_md5": data_md5(paths.root),
         "git_sha": git_sha(paths.root),
         "params": cfg,
@@ -285,7 +311,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     save_model(net, meta, paths.model_dir, ood=ood)
     total = time.perf_counter() - t0
     typer.secho(f"✔ model -> {paths.model_dir}  valid acc {valid_acc:.4f}  T={temperature:.3f}  "
-                f"OOD threshold {ood.threshold:.2f}  ({total:.0f} s)", fg=typer.colors.GREEN)
+                f"novelty threshold {ood.threshold:.2f}  min confidence {min_conf:.3f}  ({total:.0f} s)", fg=typer.colors.GREEN)
     return meta
 
 
