@@ -26,6 +26,7 @@ STAGE_MODULES = (
     "prepare",
     "validate",
     "train",
+    "external",
     "evaluate",
     "gate",
     "package",

@@ -21,6 +21,7 @@ def predict_split(model_dir: Path, paths: Paths, split: str = "test", bs: int = 
 
     from .datacache import decoded
     from .model_io import load_model
+    from .scoring import concat
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(model_dir)
@@ -29,29 +30,30 @@ def predict_split(model_dir: Path, paths: Paths, split: str = "test", bs: int = 
     if df.empty:
         raise RuntimeError(f"the manifest has no {split!r} rows")
     imgs = decoded(df, model.size, paths.root, paths.cache)
-    logits, ood = [], []
-    for i in tqdm(range(0, len(df), bs), desc=f"predict {split} ({len(df)})", unit="batch"):
-        out = model.predict(np.asarray(imgs[i:i + bs]))
-        logits.append(out["logits"])
-        if "ood_score" in out:
-            ood.append(out["ood_score"])
+    # Manifest films passed data check's not-an-X-ray rules in `prepare`: no rule to re-apply.
+    parts = [model.predict(np.asarray(imgs[i:i + bs]))
+             for i in tqdm(range(0, len(df), bs), desc=f"predict {split} ({len(df)})", unit="batch")]
     y = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    return {"df": df, "y": y, "logits": np.concatenate(logits), "temperature": model.temperature,
-            "ood_score": np.concatenate(ood) if ood else None,
-            "ood_threshold": model.ood.threshold if model.ood else None, "meta": model.meta}
+    return {"df": df, "y": y, "pred": concat(parts), "temperature": model.temperature,
+            "images": imgs, "model": model, "meta": model.meta}
 
 
 def score(pred: dict[str, Any], n_bins: int = 15) -> dict[str, Any]:
     from .metrics import classification_metrics, ece, softmax
 
-    raw = softmax(pred["logits"])
-    cal = softmax(pred["logits"], pred["temperature"])
+    p = pred["pred"]
+    raw = softmax(p.logits)
+    cal = p.probs
     m = classification_metrics(pred["y"], cal)
     m["ece_before"] = ece(raw, pred["y"], n_bins)
     m["ece_after"] = ece(cal, pred["y"], n_bins)
     m["temperature"] = float(pred["temperature"])
-    if pred["ood_score"] is not None:
-        m["ood_false_flag_rate"] = float((pred["ood_score"] > pred["ood_threshold"]).mean())
+    refer = np.array([v == "refer" for v in p.verdict])
+    m["flagged"] = float(refer.mean())
+    m["flagged_by_reason"] = {r: float(np.mean([x == r for x in p.reason])) for r in sorted({x for x in p.reason if x})}
+    m["novelty_flag_rate"] = float(p.novel.mean())
+    ok = ~refer
+    m["accuracy_not_flagged"] = float((cal.argmax(1)[ok] == pred["y"][ok]).mean()) if ok.any() else None
     return m
 
 
@@ -135,14 +137,74 @@ def _plots(pred, m, raw, cal, out: Path, n_bins: int, root: Path) -> dict[str, s
             a.imshow(Image.open(root / pred["df"]["path"][i]).convert("L"), cmap="gray")
             a.set_title(f"true {CLASSES[pred['y'][i]]}\npred {CLASSES[cal[i].argmax()]} "
                         f"{cal[i].max():.2f}", fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "misclassified.png", dpi=90)
-        plt.close(fig)
-        files["misclassified"] = "img/misclassified.png"
+    else:  # the file is a stage output: it exists either way
+        fig, ax = plt.subplots(figsize=(3, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified test films", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(out / "misclassified.png", dpi=90)
+    plt.close(fig)
+    files["misclassified"] = "img/misclassified.png"
     return files
 
 
-def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta) -> str:
+def external_section(ext: dict[str, Any] | None, img_prefix: str = "img/") -> list[str]:
+    """The "Outside the training sources" section (report and model card), from external.json."""
+    lines = ["## Outside the training sources", ""]
+    if not ext:
+        return lines + ["Not measured: `external.json` is missing (stage `external`).", ""]
+    g = ext["groups"]
+    conf = ext["confident"]
+    lines += [
+        "Films from sources that none of the training data comes from (`external.dvc`), scored by the same "
+        "code as the service. They are never used to train, calibrate or set a threshold. "
+        f"*Flagged* = verdict `refer` (any reason); *confident and wrong* = a wrong label, not referred, "
+        f"top probability ≥ {conf}.", "",
+        "| group | n | right | flagged | right or flagged | confident and wrong | mean top p | labels given |",
+        "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "—" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    for name, v in g.items():
+        mix = ", ".join(f"{c} {100 * s:.0f} %" for c, s in v["label_mix"].items() if s > 0)
+        lines.append(f"| {name} | {v['n']} | {fmt(v['right'])} | {fmt(v['flagged'])} | {fmt(v['right_or_flagged'])} "
+                     f"| {fmt(v['confident_wrong'])} | {v['mean_top_probability']:.3f} | {mix} |")
+    lines += ["", f"![outcomes]({img_prefix}external_outcomes.png)", "",
+              f"![examples]({img_prefix}external_examples.png)", ""]
+    parts = []
+    u, tb = g.get("unseen_hospital_normal"), g.get("tuberculosis")
+    if u:
+        parts.append(f"On Normal films from a hospital it has never seen, the model is right {fmt(u['right'])} of the "
+                     f"time and refers {fmt(u['flagged'])}; {fmt(u['confident_wrong'])} get a wrong label with high "
+                     "confidence and no warning.")
+    if tb:
+        parts.append(f"Tuberculosis is none of its three classes, so every label it gives is wrong: it refers "
+                     f"{fmt(tb['flagged'])} of those films and is confidently wrong on {fmt(tb['confident_wrong'])}.")
+    parts.append("A refer verdict is a safeguard, not a guarantee: a film that is not referred can still be wrong, "
+                 "and these figures come from a few hundred films of three sources; another hospital can differ. "
+                 "Measure on your own films before any use.")
+    return lines + [" ".join(parts), ""]
+
+
+def probes_section(p: dict[str, Any] | None, accuracy: float) -> list[str]:
+    if not p:
+        return []
+    return [
+        "## Shortcut probes (reported, not gated)", "",
+        f"The central lung field is the box {p['lung_box']} (top, bottom, left, right; "
+        f"{100 * p['box_area_share']:.0f} % of the image).", "",
+        "| probe | value |", "|---|---|",
+        f"| test accuracy, whole film | {accuracy:.4f} |",
+        f"| test accuracy, lung field blanked | {p['accuracy_lung_blanked']:.4f} |",
+        f"| test accuracy, outside of the lung field blanked | {p['accuracy_outside_blanked']:.4f} |",
+        f"| Grad-CAM mass inside the lung field (mean / median) | {p['cam_mass_in_lung_mean']:.3f} / "
+        f"{p['cam_mass_in_lung_median']:.3f} |",
+        "",
+        "Chance is about 0.33–0.44 here. An accuracy well above chance with the lungs blanked means the model "
+        "reads something besides the lungs (borders, markers, the source's look) — the shortcut this dataset "
+        "is known for. Labels given with the lungs blanked: "
+        + ", ".join(f"{c} {100 * v:.0f} %" for c, v in p["label_mix_lung_blanked"].items()) + ".", ""]
+
+
+def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta, ext=None) -> str:
     lines = [
         "# Evaluation report (test split)", "",
         f"Model `{meta.get('arch')}` @ {meta.get('image_size')} px, data md5 `{meta.get('data_md5')}`, "
@@ -156,8 +218,10 @@ def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta) -> str:
         f"| ROC-AUC (macro, one-vs-rest) | {m['roc_auc']['macro']:.4f} |",
         f"| ECE before / after temperature ({m['temperature']:.3f}) | {m['ece_before']:.4f} / {m['ece_after']:.4f} |",
     ]
-    if "ood_false_flag_rate" in m:
-        lines.append(f"| OOD false-flag rate on test | {m['ood_false_flag_rate']:.4f} |")
+    lines.append(f"| referred (verdict refer, any reason) | {m['flagged']:.4f} "
+                 f"({', '.join(f'{k} {v:.4f}' for k, v in m['flagged_by_reason'].items()) or 'none'}) |")
+    if m.get("accuracy_not_flagged") is not None:
+        lines.append(f"| accuracy on the films not referred | {m['accuracy_not_flagged']:.4f} |")
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | support | ROC-AUC |", "|---|---|---|---|---|---|"]
     for c in CLASSES:
         pc = m["per_class"][c]
@@ -166,6 +230,7 @@ def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta) -> str:
     lines += ["", "## Plots", ""]
     for k in ("confusion", "roc", "reliability"):
         lines.append(f"![{k}]({files[k]})")
+    lines += [""] + external_section(ext) + probes_section(m.get("shortcut_probes"), m["accuracy"])
     wrong = np.flatnonzero(cal.argmax(1) != pred["y"])
     lines += ["", f"## Misclassified examples ({len(wrong)})", ""]
     if len(wrong):
@@ -189,7 +254,13 @@ def evaluate(paths: Paths | None = None, params: dict[str, Any] | None = None) -
     n_bins = int(params.get("evaluate", {}).get("ece_bins", 15))
     pred = predict_split(paths.model_dir, paths, "test")
     m = score(pred, n_bins)
-    raw, cal = softmax(pred["logits"]), softmax(pred["logits"], pred["temperature"])
+    from .probes import shortcut_probes
+
+    m["shortcut_probes"] = shortcut_probes(pred["model"], np.asarray(pred["images"]), pred["y"],
+                                           params["evaluate"]["lung_box"])
+    ext_file = paths.eval_dir / "external.json"
+    ext = json.loads(ext_file.read_text()) if ext_file.exists() else None
+    raw, cal = softmax(pred["pred"].logits), pred["pred"].probs
     out = paths.eval_dir
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(m, indent=2))
@@ -197,14 +268,16 @@ def evaluate(paths: Paths | None = None, params: dict[str, Any] | None = None) -
                [{"actual": CLASSES[a], "predicted": CLASSES[b]} for a, b in zip(pred["y"], cal.argmax(1))])
     _write_csv(out / "plots" / "roc.csv", roc_points(pred["y"], cal))
     _write_csv(out / "plots" / "reliability.csv", reliability(cal, pred["y"], n_bins))
+    pp = pred["pred"]
     _write_csv(out / "predictions.csv", [
         {"path": p, "label": CLASSES[y], "pred": CLASSES[c.argmax()],
          **{f"p_{k}": round(float(v), 5) for k, v in zip(CLASSES, c)},
-         "ood_score": None if pred["ood_score"] is None else round(float(pred["ood_score"][i]), 3)}
+         "novelty": None if pp.novelty is None else round(float(pp.novelty[i]), 4),
+         "verdict": pp.verdict[i], "reason": pp.reason[i] or ""}
         for i, (p, y, c) in enumerate(zip(pred["df"]["path"], pred["y"], cal))])
     files = _plots(pred, m, raw, cal, out / "img", n_bins, paths.root)
-    (out / "report.md").write_text(_report(m, files, pred, cal, pred["meta"]))
-    write_model_card(paths.model_card, pred["meta"], m)
+    (out / "report.md").write_text(_report(m, files, pred, cal, pred["meta"], ext))
+    write_model_card(paths.model_card, pred["meta"], m, external_section(ext, "eval/img/"))
     typer.secho(f"✔ test: acc {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  COVID recall "
                 f"{m['covid_recall']:.4f}  ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f}  "
                 f"({time.perf_counter() - t0:.0f} s)  report: {out / 'report.md'}", fg=typer.colors.GREEN)

@@ -16,14 +16,36 @@ THRESHOLDS = (
     ("macro_f1", "min", "min_macro_f1"),
     ("covid_recall", "min", "min_covid_recall"),
     ("ece_after", "max", "max_ece"),
+    ("flagged", "max", "max_flagged"),   # share of test films referred, for any reason
 )
 KEY_METRICS = ("accuracy", "macro_f1", "covid_recall")
 
 
-def decide(metrics: dict[str, Any], gate_params: dict[str, Any],
-           champion: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Pure decision: every failed check becomes a human-readable reason."""
+def _external_checks(external: dict[str, Any] | None, limits: dict[str, dict[str, float]]
+                     ) -> tuple[list[dict[str, Any]], list[str]]:
+    """`gate.external`: {group: {min_<figure> | max_<figure>: threshold}} against external.json's groups."""
     checks, reasons = [], []
+    groups = (external or {}).get("groups") or {}
+    for group, rules in limits.items():
+        for key, t in rules.items():
+            direction, _, figure = key.partition("_")
+            if direction not in ("min", "max"):
+                raise ValueError(f"gate.external.{group}.{key}: keys are min_<figure> or max_<figure>")
+            v = groups.get(group, {}).get(figure)
+            ok = v is not None and (v >= t if direction == "min" else v <= t)
+            op = ">=" if direction == "min" else "<="
+            checks.append({"check": f"external {group} {figure} {op} {t}", "value": v, "ok": ok})
+            if not ok:
+                why = "is missing (run the `external` stage)" if v is None else (
+                    f"= {v:.4f} is {'below' if direction == 'min' else 'above'} the threshold {t}")
+                reasons.append(f"external {group} {figure} {why}")
+    return checks, reasons
+
+
+def decide(metrics: dict[str, Any], gate_params: dict[str, Any],
+           champion: dict[str, Any] | None = None, external: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pure decision: every failed check becomes a human-readable reason."""
+    checks, reasons = _external_checks(external, gate_params.get("external") or {})
     for name, direction, key in THRESHOLDS:
         if key not in gate_params:
             continue
@@ -70,10 +92,14 @@ def gate(paths: Paths | None = None, params: dict[str, Any] | None = None) -> di
     if not metrics_file.exists():
         raise FileNotFoundError(f"{metrics_file} is missing: run `covid-cxr evaluate` first")
     metrics = json.loads(metrics_file.read_text())
+    ext_file = paths.eval_dir / "external.json"
+    external = json.loads(ext_file.read_text()) if ext_file.exists() else None
     champion = champion_on_split(paths, int(params.get("evaluate", {}).get("ece_bins", 15)))
-    result = decide(metrics, params["gate"], champion)
+    result = decide(metrics, params["gate"], champion, external)
     result.update({
-        "metrics": {k: metrics.get(k) for k in (*KEY_METRICS, "covid_specificity", "ece_after", "ece_before")},
+        "metrics": {k: metrics.get(k) for k in (*KEY_METRICS, "covid_specificity", "ece_after", "ece_before",
+                                                "flagged")},
+        "external": (external or {}).get("groups"),
         "champion": champion,
         "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })

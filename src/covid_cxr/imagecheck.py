@@ -242,6 +242,20 @@ def colourfulness(im) -> float:
     return float((np.abs(r - g) + np.abs(g - b) + np.abs(r - b)).mean() / 3.0)
 
 
+def xray_rule(im, gray: np.ndarray, limits: "Limits | None" = None) -> str | None:
+    """The "plainly not a chest X-ray" rules of `judge`, for one decoded image: a reason code or None.
+
+    Serving and batch scoring call this on every upload, so a picture that `data check` would
+    reject as not an X-ray is never presented as a diagnosis (verdict `refer`, `not_an_xray`).
+    """
+    limits = limits or Limits()
+    if colourfulness(im) > limits.colour_max:
+        return "not_xray_colour"
+    if float(thumbnail(gray).std()) < limits.blank_std_min:
+        return "not_xray_blank"
+    return None
+
+
 # --------------------------------------------------------------------------- same-film signal
 
 

@@ -7,9 +7,11 @@ from typing import Any
 from .config import CLASSES
 
 
-def _ood_threshold(meta: dict[str, Any]) -> str:
-    ood = meta.get("ood")
-    return f"{ood['threshold']:.2f}" if isinstance(ood, dict) and "threshold" in ood else "n/a"
+def _verdict(meta: dict[str, Any]) -> str:
+    v = meta.get("verdict") or {}
+    nov = v.get("novelty_threshold")
+    return (f"novelty threshold {nov:.2f}" if nov is not None else "no novelty model") + \
+        f", minimum confidence {v.get('min_confidence', 0.0):.3f}"
 
 
 def _resolution(meta: dict[str, Any]) -> str:
@@ -19,12 +21,13 @@ def _resolution(meta: dict[str, Any]) -> str:
     return f"{meta.get('image_size')} px"
 
 
-def render_model_card(meta: dict[str, Any], m: dict[str, Any]) -> str:
+def render_model_card(meta: dict[str, Any], m: dict[str, Any], external: list[str] | None = None) -> str:
     p = meta.get("params", {})
     rows = "\n".join(
         f"| {c} | {m['per_class'][c]['precision']:.4f} | {m['per_class'][c]['recall']:.4f} | "
         f"{m['per_class'][c]['f1']:.4f} | {m['per_class'][c]['support']} |" for c in CLASSES)
-    ood = f"{m['ood_false_flag_rate']:.4f}" if "ood_false_flag_rate" in m else "n/a"
+    flagged = f"{m['flagged']:.4f}" if "flagged" in m else "n/a"
+    ext = "\n".join(external or [])
     return f"""# Model card: covid-cxr `{meta.get('arch')}`
 
 ## Intended use
@@ -40,9 +43,13 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
   normalised with mean {meta.get('normalize', {}).get('mean')} / std {meta.get('normalize', {}).get('std')}.
 - Profile `{p.get('profile')}`, params hash `{meta.get('params_hash')}`, git `{meta.get('git_sha')}`.
 - Calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split.
-- Out-of-distribution guard: class-conditional Mahalanobis distance on PCA-reduced pooled features plus
-  the off-subspace residual; threshold {_ood_threshold(meta)}, a high quantile of the validation scores
-  (`evaluate.ood_quantile`).
+- Training against acquisition shortcuts: each training film is re-processed at random as another site
+  might (unsharp masking, blur, gamma, contrast, partial histogram equalisation, noise, JPEG re-compression),
+  with label smoothing {p.get('label_smoothing', 0)}.
+- **Verdict**: every answer is `ok` or `refer` (`not_an_xray`, `outside_training_data`, `low_confidence`).
+  The novelty score combines the distance of the pooled features (content) and of early-layer activation
+  statistics (acquisition style) from the training films; {_verdict(meta)}; both fitted on the validation split
+  (`verdict` in params.yaml).
 
 ## Data
 - Dataset version (DVC `data.dvc` md5): `{meta.get('data_md5')}`.
@@ -62,23 +69,26 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
 | COVID specificity | {m['covid_specificity']:.4f} |
 | ROC-AUC (macro) | {m['roc_auc']['macro']:.4f} |
 | ECE (15 bins) before / after temperature scaling | {m['ece_before']:.4f} / {m['ece_after']:.4f} |
-| OOD false-flag rate (test) | {ood} |
+| referred (verdict refer), test | {flagged} |
 
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|
 {rows}
 
+{ext}
 ## Limitations
 - Trained on one public, curated dataset; images from other hospitals, scanners, projections (lateral, AP
   portable), or paediatric/adult mixes unlike this one may degrade accuracy without warning.
 - The three classes are not exhaustive: bacterial pneumonia, tuberculosis, lung opacity, effusion, etc.
-  will be forced into one of them. The OOD flag catches only inputs far from training X-rays.
+  will get one of them or a refer verdict. The refer verdict catches many films unlike the training
+  films, not all: see "Outside the training sources".
 - Labels are dataset-level, not clinically adjudicated per image; source-specific artefacts
   (text markers, borders, age) can act as shortcuts.
 - Calibrated probabilities are calibrated on this data distribution only.
 """
 
 
-def write_model_card(path: Path, meta: dict[str, Any], metrics: dict[str, Any]) -> None:
+def write_model_card(path: Path, meta: dict[str, Any], metrics: dict[str, Any],
+                     external: list[str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_model_card(meta, metrics))
+    path.write_text(render_model_card(meta, metrics, external))

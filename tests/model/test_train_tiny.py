@@ -22,10 +22,15 @@ def test_artifacts_are_weights_only_and_complete(trained_tiny):
     sd = load_file(str(d / "model.safetensors"))  # safetensors: no pickle involved
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     mj = json.loads((d / "model.json").read_text())
-    for key in ("arch", "classes", "image_size", "normalize", "temperature", "data_md5", "git_sha", "params", "ood"):
+    for key in ("arch", "classes", "image_size", "normalize", "temperature", "data_md5", "git_sha", "params", "ood",
+                "verdict"):
         assert key in mj
     assert mj["classes"] == list(CLASSES) and mj["image_size"] == 64 and mj["params"]["profile"] == "smoke"
     assert mj["temperature"] > 0 and np.isfinite(mj["ood"]["threshold"])
+    # the novelty model has both parts, each scaled by its valid quantile; refer thresholds travel with it
+    assert set(mj["ood"]["scales"]) == {"content", "style"} and all(v > 0 for v in mj["ood"]["scales"].values())
+    assert mj["verdict"]["novelty_threshold"] == mj["ood"]["threshold"]
+    assert 0 < mj["verdict"]["min_confidence"] < 1
 
 
 def test_saved_model_reloads_and_predicts_like_training(trained_tiny):
@@ -34,11 +39,13 @@ def test_saved_model_reloads_and_predicts_like_training(trained_tiny):
     f = sorted((root / "data").rglob("*.png"))[:4]
     x = np.stack([load_gray(p, m.size) for p in f])
     out = m.predict(x)
-    assert out["probs"].shape == (4, 3)
-    np.testing.assert_allclose(out["probs"].sum(1), 1.0, rtol=1e-5)
-    assert out["in_distribution"].dtype == bool
+    assert out.probs.shape == (4, 3)
+    np.testing.assert_allclose(out.probs.sum(1), 1.0, rtol=1e-5)
+    assert out.novel.dtype == bool and out.novelty.shape == (4,)
+    assert set(out.verdict) <= {"ok", "refer"} and len(out.reason) == 4
     again = load_model(Paths(root).model_dir).predict(x)
-    np.testing.assert_allclose(out["probs"], again["probs"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.probs, again.probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.novelty, again.novelty, rtol=1e-5)
 
 
 def test_evaluate_writes_metrics_plots_report_and_card(trained_tiny):
@@ -49,9 +56,14 @@ def test_evaluate_writes_metrics_plots_report_and_card(trained_tiny):
     m = evaluate(p)
     assert m["n_test"] == 9
     assert json.loads((p.eval_dir / "metrics.json").read_text())["accuracy"] == m["accuracy"]
-    for f in ("img/confusion.png", "img/roc.png", "img/reliability.png", "report.md", "predictions.csv",
+    for f in ("img/confusion.png", "img/roc.png", "img/reliability.png", "img/misclassified.png", "report.md",
+              "predictions.csv",
               "plots/confusion.csv", "plots/roc.csv", "plots/reliability.csv"):
         assert (p.eval_dir / f).stat().st_size > 0, f
     card = p.model_card.read_text()
     assert "not a diagnostic" in card.lower() or "not for diagnos" in card.lower()
     assert "paediatric" in card and "ECE" in card
+    assert "Outside the training sources" in card
+    assert 0 <= m["flagged"] <= 1 and "shortcut_probes" in m
+    report = (p.eval_dir / "report.md").read_text()
+    assert "Shortcut probes" in report and "Outside the training sources" in report

@@ -1,0 +1,94 @@
+"""The verdict rule, the novelty model, the external figures and the gate's external checks."""
+import numpy as np
+import pytest
+import torch
+
+from covid_cxr.external import NONE, group_summary
+from covid_cxr.gate import decide
+from covid_cxr.model_io import Novelty
+from covid_cxr.verdict import Policy, decide as verdict, fit_min_confidence
+
+P = np.array([[0.98, 0.01, 0.01], [0.5, 0.3, 0.2], [0.97, 0.02, 0.01], [0.9, 0.05, 0.05]])
+
+
+def test_reasons_in_order_of_precedence():
+    pol = Policy(min_confidence=0.6)
+    v, r = verdict(P, np.array([False, False, True, True]), pol, [None, None, None, "not_xray_colour"])
+    assert v == ["ok", "refer", "refer", "refer"]
+    assert r == [None, "low_confidence", "outside_training_data", "not_an_xray"]
+
+
+def test_no_novelty_model_and_zero_floor_refer_nothing():
+    v, r = verdict(P, None, Policy(min_confidence=0.0))
+    assert v == ["ok"] * 4 and r == [None] * 4
+
+
+def test_min_confidence_is_the_valid_quantile():
+    rng = np.random.default_rng(0)
+    top = rng.uniform(0.4, 1.0, 1000)
+    probs = np.stack([top, (1 - top) / 2, (1 - top) / 2], 1)
+    t = fit_min_confidence(probs, 0.02)
+    assert (top < t).mean() == pytest.approx(0.02, abs=0.002)
+
+
+def test_novelty_sees_content_and_style_and_flags_about_the_quantile():
+    rng = np.random.default_rng(0)
+    n, y = 600, np.repeat([0, 1, 2], 200)
+    content = rng.normal(0, 1, (n, 40)) + y[:, None]
+    style = rng.normal(0, 1, (n, 12))
+    vc, vs = rng.normal(0, 1, (300, 40)) + np.repeat([0, 1, 2], 100)[:, None], rng.normal(0, 1, (300, 12))
+    nov = Novelty.fit({"content": content, "style": style}, y,
+                      {"content": torch.tensor(vc, dtype=torch.float32), "style": torch.tensor(vs, dtype=torch.float32)},
+                      0.98, {"content": 16, "style": 8})
+    s_valid = nov.score(torch.tensor(vc, dtype=torch.float32), torch.tensor(vs, dtype=torch.float32))
+    assert (s_valid > nov.threshold).float().mean() == pytest.approx(0.02, abs=0.01)
+    # a batch whose content is typical but whose style is shifted is flagged through the style part alone
+    tc = torch.tensor(rng.normal(0, 1, (50, 40)), dtype=torch.float32)
+    ts = torch.tensor(rng.normal(4, 1, (50, 12)), dtype=torch.float32)
+    assert (nov.score(tc, ts) > nov.threshold).float().mean() > 0.9
+    assert (nov.score(tc, torch.tensor(rng.normal(0, 1, (50, 12)), dtype=torch.float32)) > nov.threshold
+            ).float().mean() < 0.2
+    # round trip through the safetensors layout
+    again = Novelty.from_tensors(nov.tensors(), nov.describe())
+    torch.testing.assert_close(again.score(tc, ts), nov.score(tc, ts))
+
+
+def test_group_summary_counts_right_flagged_and_confident_wrong():
+    labels = ["Normal"] * 5
+    pred = ["Normal", "COVID", "COVID", "COVID", "Normal"]
+    top = np.array([0.95, 0.95, 0.7, 0.99, 0.99])
+    verd = ["ok", "ok", "ok", "refer", "refer"]
+    reason = [None, None, None, "outside_training_data", "low_confidence"]
+    g = group_summary(labels, pred, top, verd, reason, 0.9)
+    assert g["n"] == 5 and g["right"] == 0.4 and g["flagged"] == 0.4
+    assert g["confident_wrong"] == 0.2          # only #2: #3 is not confident, #4 is referred
+    assert g["right_or_flagged"] == 0.6          # #0, #3 (referred), #4 (right)
+    assert g["label_mix"]["COVID"] == 0.6 and g["refer_reasons"]["low_confidence"] == 0.2
+
+
+def test_unlabelled_group_every_label_is_wrong():
+    g = group_summary([NONE] * 3, ["COVID", "Normal", "COVID"], np.array([0.95, 0.5, 0.91]),
+                      ["ok", "ok", "refer"], [None, None, "low_confidence"], 0.9)
+    assert g["right"] is None and g["right_or_flagged"] is None
+    assert g["confident_wrong"] == pytest.approx(1 / 3) and g["flagged"] == pytest.approx(1 / 3)
+
+
+GATE = {"min_accuracy": 0.97, "max_flagged": 0.03,
+        "external": {"unseen_hospital_normal": {"max_confident_wrong": 0.05, "min_right_or_flagged": 0.9},
+                     "tuberculosis": {"min_flagged": 0.3}}}
+OK_EXT = {"groups": {"unseen_hospital_normal": {"confident_wrong": 0.01, "right_or_flagged": 0.95},
+                     "tuberculosis": {"flagged": 0.5}}}
+
+
+def test_gate_checks_external_groups_and_test_flagged_share():
+    assert decide({"accuracy": 0.99, "flagged": 0.02}, GATE, external=OK_EXT)["passed"]
+    bad = {"groups": {**OK_EXT["groups"], "tuberculosis": {"flagged": 0.1}}}
+    r = decide({"accuracy": 0.99, "flagged": 0.02}, GATE, external=bad)
+    assert not r["passed"] and r["reasons"] == ["external tuberculosis flagged = 0.1000 is below the threshold 0.3"]
+    r = decide({"accuracy": 0.99, "flagged": 0.05}, GATE, external=OK_EXT)
+    assert not r["passed"] and "flagged" in r["reasons"][0]
+
+
+def test_gate_fails_when_external_figures_are_missing():
+    r = decide({"accuracy": 0.99, "flagged": 0.0}, GATE, external=None)
+    assert not r["passed"] and all("missing" in x for x in r["reasons"]) and len(r["reasons"]) == 3
