@@ -10,13 +10,18 @@ Which model
     Bento carries exactly the model version it was built with.
 
 Endpoints
-    POST /predict        multipart `image`             -> {label, probabilities, in_distribution, ood_score, model}
+    POST /predict        multipart `image`             -> {label, probabilities, verdict, reason, message,
+                                                            novelty, in_distribution, model}
     POST /predict_batch  multipart `images` (repeated) -> [same, ...] in upload order
     POST /explain        multipart `image`             -> same + Grad-CAM overlay (base64 PNG)
     GET  /healthz /livez (liveness), /readyz (model loaded and warm), /metadata, /metrics
     GET  /               the web page (static files in covid_cxr/web, no build step, no CDN)
 
 Bad input never yields a 500: every rejection is 4xx with JSON {"error": code, "detail": text}.
+
+Every answer carries `verdict`: `ok`, or `refer` with a `reason` (verdict.py): `not_an_xray`
+(the colour / blank rules of `data check`), `outside_training_data` (novelty over threshold)
+or `low_confidence`. `label` is always the most probable class; with `refer` it is not the answer.
 
 Adaptive batching: /predict, /predict_batch and /explain decode and validate each upload
 first (so one bad file cannot fail anybody else's batch), then hand the (N,S,S) uint8 array
@@ -55,7 +60,9 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.staticfiles import StaticFiles
 
 from .config import CLASSES
+from .imagecheck import xray_rule
 from .preprocess import MAX_PIXELS, ImageError, open_image, resize_gray, to_gray
+from .verdict import REASONS, Policy, decide
 
 log = logging.getLogger("covid_cxr.service")
 
@@ -226,7 +233,7 @@ class Batcher:
 
     Each job is one request's images. The dispatcher merges queued jobs (splitting one
     across two batches when needed) and hands back, per job, a float array with one row
-    per image: [p(class) x C, ood_score (nan if no OOD model), in_distribution (0/1),
+    per image: [p(class) x C, novelty score (nan if no novelty model), novel (0/1),
     forward ms, batch size].
     """
 
@@ -254,12 +261,10 @@ class Batcher:
         ms = 1000 * (time.perf_counter() - t0)
         n = len(x)
         self.sizes[n] += 1
-        ood = out.get("ood_score")
-        ind = out.get("in_distribution")
         rows = np.concatenate([
-            out["probs"].astype(np.float64),
-            (ood if ood is not None else np.full(n, np.nan)).astype(np.float64)[:, None],
-            (ind if ind is not None else np.ones(n, bool)).astype(np.float64)[:, None],
+            out.probs.astype(np.float64),
+            (out.novelty if out.novelty is not None else np.full(n, np.nan)).astype(np.float64)[:, None],
+            out.novel.astype(np.float64)[:, None],
             np.full((n, 1), ms, np.float64),
             np.full((n, 1), n, np.float64),
         ], axis=1)
@@ -429,6 +434,7 @@ class CovidCxr:
         model = load_model(self.model_dir)
         model.predict(np.zeros((1, model.size, model.size), np.uint8))  # first-call allocations
         self.model = model
+        self.policy = Policy.from_meta(model.meta)
         log.info("covid-cxr: model loaded in %.1fs (image_size=%d)", time.perf_counter() - t0, model.size)
 
     @bentoml.on_startup
@@ -467,8 +473,8 @@ class CovidCxr:
         return error_response("model_loading", "the model is still loading; retry in a few seconds", 503)
 
     # ---------- inputs ----------
-    def _decode(self, path: Path) -> np.ndarray:
-        """An uploaded file -> full-resolution 2-D uint8 grey, or ImageError."""
+    def _decode(self, path: Path) -> tuple[np.ndarray, str | None]:
+        """An uploaded file -> (full-resolution 2-D uint8 grey, the not-an-X-ray rule it fails), or ImageError."""
         size = path.stat().st_size
         if size > self.limits.max_upload_bytes:
             raise ImageError("upload_too_large", f"the file is {size / 1e6:.1f} MB, over the "
@@ -478,14 +484,16 @@ class CovidCxr:
             raise ImageError("too_small", f"the image is {im.size[0]}x{im.size[1]} px; "
                              f"both sides must be at least {self.limits.min_side} px")
         try:
-            return to_gray(im)
+            gray = to_gray(im)
         except Exception as e:  # an exotic mode Pillow cannot convert is still the input's fault
             raise ImageError("corrupt", f"cannot convert the {im.mode} image to greyscale: {e}") from None
+        return gray, xray_rule(im, gray)
 
-    def _decode_resized(self, path: Path) -> np.ndarray:
-        return resize_gray(self._decode(path), self.model.size)
+    def _decode_resized(self, path: Path) -> tuple[np.ndarray, str | None]:
+        gray, rule = self._decode(path)
+        return resize_gray(gray, self.model.size), rule
 
-    async def _grays(self, paths: Sequence[Path], full: bool = False) -> list[np.ndarray]:
+    async def _grays(self, paths: Sequence[Path], full: bool = False) -> list[tuple[np.ndarray, str | None]]:
         """Decode (and, unless `full`, resize to the model's input size) in worker threads:
         a 100 MP upload must not stall the event loop."""
         import anyio
@@ -495,21 +503,25 @@ class CovidCxr:
         fn = self._decode if full else self._decode_resized
         return [await anyio.to_thread.run_sync(fn, p, limiter=self._decode_limiter) for p in paths]
 
-    def _result(self, row: np.ndarray) -> dict[str, Any]:
+    def _result(self, row: np.ndarray, rule: str | None) -> dict[str, Any]:
         c = len(CLASSES)
-        probs, ood = row[:c], row[c]
+        probs, nov, novel = row[:c], row[c], bool(row[c + 1])
+        (verdict,), (reason,) = decide(probs[None], np.array([novel]), self.policy, [rule])
         return {
             "label": CLASSES[int(np.argmax(probs))],
             "probabilities": {k: round(float(p), 6) for k, p in zip(CLASSES, probs)},
-            "in_distribution": bool(row[c + 1]),
-            "ood_score": None if np.isnan(ood) else round(float(ood), 4),
+            "verdict": verdict,
+            "reason": reason,
+            "message": REASONS[reason] if reason else None,
+            "novelty": None if np.isnan(nov) else round(float(nov), 4),
+            "in_distribution": not novel,
             "model": self.model_tag,
         }
 
-    async def _classify(self, grays: Sequence[np.ndarray], timing: dict[str, float] | None = None
+    async def _classify(self, items: Sequence[tuple[np.ndarray, str | None]], timing: dict[str, float] | None = None
                         ) -> tuple[list[dict[str, Any]], int]:
-        """Model-size greys -> (one result per image, the largest forward batch they were part of)."""
-        x = np.stack(grays)
+        """(model-size grey, rule) pairs -> (one result per image, the largest forward batch they were part of)."""
+        x = np.stack([g for g, _ in items])
         t0 = time.perf_counter()
         try:
             rows = await self.batcher(x)
@@ -519,9 +531,9 @@ class CovidCxr:
             fwd = float(rows[:, -2].max())
             timing["model"] = fwd
             timing["queue"] = max(0.0, 1000 * (time.perf_counter() - t0) - fwd)
-        return [self._result(r) for r in rows], int(rows[:, -1].max())
+        return [self._result(r, rule) for r, (_, rule) in zip(rows, items)], int(rows[:, -1].max())
 
-    async def _decode_all(self, paths: Sequence[Path], timing: dict[str, float]) -> list[np.ndarray]:
+    async def _decode_all(self, paths: Sequence[Path], timing: dict[str, float]) -> list[tuple[np.ndarray, str | None]]:
         t0 = time.perf_counter()
         grays = await self._grays(paths)
         timing["decode"] = 1000 * (time.perf_counter() - t0)
@@ -541,8 +553,8 @@ class CovidCxr:
             return self._not_ready()
         timing: dict[str, float] = {}
         try:
-            (gray,) = await self._decode_all([image], timing)
-            (res,), n = await self._classify([gray], timing)
+            items = await self._decode_all([image], timing)
+            (res,), n = await self._classify(items, timing)
         except ImageError as e:
             return error_response(e.code, e.message)
         except Overloaded as e:
@@ -586,9 +598,9 @@ class CovidCxr:
         if not self.ready:
             return self._not_ready()
         try:
-            (gray,) = await self._grays([image], full=True)
+            ((gray, rule),) = await self._grays([image], full=True)
             small = await anyio.to_thread.run_sync(resize_gray, gray, self.model.size)
-            (res,), _ = await self._classify([small])
+            (res,), _ = await self._classify([(small, rule)])
         except ImageError as e:
             return error_response(e.code, e.message)
         except Overloaded as e:
@@ -654,6 +666,7 @@ class CovidCxr:
             "trained_at": meta.get("trained_at") or meta.get("created_at"),
             "packaged_at": self.store_info.get("created"),
             "ood": meta.get("ood"),
+            "verdict_policy": meta.get("verdict"),
             "metrics": metrics,
             "gate": {"passed": gate.get("passed"), "reasons": gate.get("reasons", [])} if gate else None,
             "intended_use": ("Research and teaching demo of chest X-ray triage into COVID / Normal / "
@@ -663,8 +676,10 @@ class CovidCxr:
                 "and populations are untested.",
                 "Viral Pneumonia images (and part of Normal) come from a paediatric set: the model "
                 "can partly tell that class by the patient's age.",
-                "Inputs unlike the training data are flagged (in_distribution=false) but may still "
-                "be misclassified with high confidence.",
+                "Films from hospitals outside the training sources are often misjudged: the model refers "
+                "(verdict=refer) the ones it recognises as unlike its training films, not all of them.",
+                "It knows only three classes: other diseases (e.g. tuberculosis) get one of the three labels "
+                "or a refer verdict, never a diagnosis of their own.",
             ],
             "limits": {
                 "max_upload_mb": self.limits.max_upload_bytes / 1024 / 1024,

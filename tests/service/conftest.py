@@ -162,6 +162,10 @@ def files(service_tmp, train_images) -> dict[str, Path]:
         "exif": I.exif_rotated_jpeg(d / "exif6.jpg", xray),
         "progressive": I.progressive_jpeg(d / "progressive1024.jpg", xray),
         "ood": I.ood_png(d / "noise.png"),
+        "colour_photo": I.colour_photo(d / "photo.jpg"),
+        "grey_photo": I.grey_photo(d / "photo_grey.png"),
+        "blank": I.blank_frame(d / "blank.png"),
+        "gradient": I.colour_gradient(d / "gradient.png"),
         # bad
         "truncated": F.truncated(d / "truncated.png"),
         "truncated_jpeg": I.truncated_jpeg(d / "truncated.jpg", xray),

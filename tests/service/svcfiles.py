@@ -137,3 +137,31 @@ def truncated_jpeg(path: Path, src: Path) -> Path:
     b = data.getvalue()
     path.write_bytes(b[: len(b) // 2])
     return path
+
+
+# --- pictures that are not chest X-rays (the verdict must say `refer`, or the API a 4xx) ---------
+
+def _photo() -> Image.Image:
+    """A real photograph that ships inside scikit-learn (no download)."""
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image("china.jpg"))
+
+
+def colour_photo(path: Path) -> Path:
+    return _save(_photo(), path, "JPEG", quality=92)
+
+
+def grey_photo(path: Path) -> Path:
+    return _save(_photo().convert("L"), path, "PNG")
+
+
+def blank_frame(path: Path, side: int = 512, level: int = 128) -> Path:
+    return _save(Image.new("L", (side, side), level), path, "PNG")
+
+
+def colour_gradient(path: Path, side: int = 256) -> Path:
+    """A synthetic colour gradient, the kind of picture the old model called COVID at 0.96."""
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / (side - 1)
+    rgb = np.stack([255 * x, 255 * y, 255 * (1 - x) * (1 - y)], -1).astype(np.uint8)
+    return _save(Image.fromarray(rgb), path, "PNG")

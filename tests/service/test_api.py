@@ -21,7 +21,9 @@ def post_image(c, path, route="/predict", field="image", ctype="application/octe
 
 
 def check_prediction(res: dict, model_tag: str) -> None:
-    assert set(res) >= {"label", "probabilities", "in_distribution", "model"}
+    assert set(res) >= {"label", "probabilities", "verdict", "reason", "novelty", "in_distribution", "model"}
+    assert res["verdict"] in ("ok", "refer")
+    assert (res["reason"] is None) == (res["verdict"] == "ok")
     assert res["label"] in CLASSES
     assert list(res["probabilities"]) == list(CLASSES)
     p = np.array([res["probabilities"][c] for c in CLASSES])
@@ -62,16 +64,43 @@ def test_predict_matches_in_process_model(server, api, train_images):
         res = r.json()
         check_prediction(res, server.model)
         got = np.array([res["probabilities"][c] for c in CLASSES])
-        np.testing.assert_allclose(got, ref["probs"][i], atol=1e-4)
-        assert res["in_distribution"] is bool(ref["in_distribution"][i])
-        assert res["ood_score"] == pytest.approx(float(ref["ood_score"][i]), rel=1e-3, abs=1e-3)
+        np.testing.assert_allclose(got, ref.probs[i], atol=1e-4)
+        assert res["in_distribution"] is not bool(ref.novel[i])
+        assert res["novelty"] == pytest.approx(float(ref.novelty[i]), rel=1e-3, abs=1e-3)
+        assert (res["verdict"], res["reason"]) == (ref.verdict[i], ref.reason[i])
 
 
 def test_training_xrays_are_in_distribution_and_noise_is_not(api, train_images, files):
     assert post_image(api, train_images[1]).json()["in_distribution"] is True
     res = post_image(api, files["ood"]).json()
     assert res["in_distribution"] is False
-    assert res["label"] in CLASSES  # still answered, but flagged
+    assert res["label"] in CLASSES  # still answered, but referred
+    assert (res["verdict"], res["reason"]) == ("refer", "outside_training_data")
+    assert "unlike the films" in res["message"]
+
+
+@pytest.mark.parametrize("name,reason", [("colour_photo", "not_an_xray"), ("gradient", "not_an_xray"),
+                                         ("blank", "not_an_xray"), ("grey_photo", None)])
+def test_pictures_that_are_not_xrays_are_referred(api, files, name, reason):
+    """Never a bare diagnosis for a photograph or a blank frame: `refer`, with label and probabilities kept."""
+    r = post_image(api, files[name])
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["verdict"] == "refer", res
+    if reason:  # colour and blank: the same rules as `data check`
+        assert res["reason"] == reason and "does not look like a chest X-ray" in res["message"]
+    else:       # a greyscale photograph passes those rules; the novelty score catches it
+        assert res["reason"] == "outside_training_data"
+    assert res["label"] in CLASSES and set(res["probabilities"]) == set(CLASSES)
+
+
+def test_explain_and_batch_carry_the_verdict(api, files, train_images):
+    r = post_image(api, files["colour_photo"], route="/explain")
+    assert r.status_code == 200 and r.json()["verdict"] == "refer" and r.json()["reason"] == "not_an_xray"
+    paths = [train_images[0], files["blank"]]
+    r = api.post("/predict_batch", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in paths])
+    assert r.status_code == 200, r.text
+    assert [x["verdict"] for x in r.json()] == ["ok", "refer"]
 
 
 def test_predict_batch_keeps_order_and_equals_single(server, api, train_images):
@@ -167,7 +196,7 @@ def test_concurrent_predictions_are_batched_and_correct(api, server, train_image
     assert all(code == 200 for _, code, _, _ in out)
     for i, _, res, _ in out:
         got = np.array([res["probabilities"][c] for c in CLASSES])
-        np.testing.assert_allclose(got, ref["probs"][i], atol=1e-4)
+        np.testing.assert_allclose(got, ref.probs[i], atol=1e-4)
     sizes = [n for *_, n in out]
     assert max(sizes) > 1, f"8 concurrent clients were never batched together: {sizes}"
     seen = api.get("/metadata").json()["batching"]["batch_sizes_seen"]
@@ -183,5 +212,5 @@ def test_batch_larger_than_the_max_batch_is_split_and_reassembled(server, api, t
     assert len(out) == 20
     ref = local_predict(server.model_dir, paths)
     got = np.array([[res["probabilities"][c] for c in CLASSES] for res in out])
-    np.testing.assert_allclose(got, ref["probs"], atol=1e-4)
+    np.testing.assert_allclose(got, ref.probs, atol=1e-4)
     assert int(r.headers["x-batch-size"]) <= 16

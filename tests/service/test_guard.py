@@ -133,7 +133,9 @@ def test_decode_applies_the_configured_limits(monkeypatch, tmp_path):
     decode = service.CovidCxr.inner._decode
     ok = tmp_path / "ok.png"
     Image.fromarray(np.full((90, 100), 7, np.uint8)).save(ok)            # 9000 px
-    assert decode(Fake(), ok).shape == (90, 100)
+    gray, rule = decode(Fake(), ok)
+    assert gray.shape == (90, 100)
+    assert rule == "not_xray_blank"  # a constant frame: decoded, but not an X-ray
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((101, 100), np.uint8)).save(big)             # 10100 px
     with pytest.raises(ImageError) as e:

@@ -67,7 +67,8 @@ def test_upload_xray_shows_report(page, files, server, api):
     for img in ("#xray", "#heatmap"):
         assert page.locator(img).evaluate("i => i.complete && i.naturalWidth > 0"), img
         assert page.get_attribute(img, "src").startswith("data:image/png;base64,")
-    assert page.is_hidden("#ood-warning")
+    assert expected["verdict"] == "ok"
+    assert page.is_hidden("#refer") and page.is_visible("#label-box")
     assert page.is_hidden("#error")
     assert "not for diagnostic use" in page.text_content("body").lower()
     page.wait_for_function("document.querySelector('#model-info').textContent.includes('covid_cxr')")
@@ -83,12 +84,18 @@ def test_non_image_shows_error(page, files):
     assert page.is_hidden("#report")
 
 
-def test_out_of_distribution_warning(page, files):
+@pytest.mark.parametrize("name,words", [("ood", "unlike the films the model was trained on"),
+                                        ("colour_photo", "does not look like a chest X-ray")])
+def test_refer_leads_and_the_label_is_not_the_answer(page, files, name, words):
     enter_token(page)
-    page.set_input_files("#file", str(files["ood"]))
+    page.set_input_files("#file", str(files[name]))
     wait_report(page)
-    assert page.is_visible("#ood-warning")
-    assert "does not look like" in page.text_content("#ood-warning")
+    assert page.is_visible("#refer")
+    assert words in page.text_content("#refer-msg")
+    assert page.is_hidden("#label-box")                  # no "Predicted Label" for a referred film
+    assert "not an answer" in page.text_content("#refer-label")
+    # the refer banner comes before the report's cards
+    assert page.evaluate("document.querySelector('#report').firstElementChild.id") == "refer"
 
 
 def test_drag_and_drop(page, files):

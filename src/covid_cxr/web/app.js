@@ -41,6 +41,8 @@ function describeError(status, body, filename) {
   return prefix + "the server answered HTTP " + status + ".";
 }
 
+function capitalise(t) { return t ? t.charAt(0).toUpperCase() + t.slice(1) : t; }
+
 function render(res, filename) {
   $("xray").src = "data:image/png;base64," + res.image_png;
   $("heatmap").src = "data:image/png;base64," + res.heatmap_png;
@@ -60,8 +62,14 @@ function render(res, filename) {
     tr.append(name, p);
     tbody.append(tr);
   }
-  $("label").textContent = res.label;
-  $("ood-warning").hidden = res.in_distribution !== false;
+  // "refer" is an answer of its own: lead with it, and never present the label as the answer.
+  const refer = res.verdict === "refer";
+  $("refer").hidden = !refer;
+  $("refer-msg").textContent = refer ? capitalise(res.message || "the model cannot judge this film") + "." : "";
+  $("label-box").hidden = refer;
+  $("refer-label").hidden = !refer;
+  $("label").textContent = refer ? "" : res.label;
+  $("top-class").textContent = res.label;
   $("report").hidden = false;
 }
 
