@@ -89,3 +89,19 @@ def test_cli_check_report_and_import_keep_patient_data_out(data_dir, project, tm
     assert len(ic.data_image_files(data_dir)) == 6 + 3
     again = ic.check_batch(tmp_path / "b", data_dir, limits=LIMITS)
     assert {r["reason"] for r in again if Path(r["path"]).name in imported} == {"duplicate"}
+
+
+def test_training_cache_decodes_dicoms_like_their_pngs(tmp_path, real_images):
+    """datacache (training / evaluation pixels) goes through load_gray, so DICOM rows just work."""
+    import pandas as pd
+
+    from covid_cxr.datacache import decoded
+
+    pngs = [files[0] for files in real_images.values()]
+    rows = []
+    for i, (png, variant) in enumerate(zip(pngs, ("jpeg_lossless_12", "window_12", "mono1_8"))):
+        f = fx.dicom_file(tmp_path / "root" / f"f{i}.dcm", _gray(png), variant)
+        rows.append({"path": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
+    arr = decoded(pd.DataFrame(rows), 224, tmp_path / "root", tmp_path / "cache", workers=1)
+    for a, png in zip(arr, pngs):
+        assert np.array_equal(a, load_gray(png, 224))
