@@ -12,6 +12,7 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -232,3 +233,199 @@ def copy_real(real: dict[str, list[Path]], dst: Path | str, per_class: int = 1, 
         d.mkdir(parents=True, exist_ok=True)
         out += [Path(shutil.copy2(f, d / f.name)) for f in files[:per_class]]
     return out
+
+
+# --------------------------------------------------------------------------- DICOM
+# DICOM files are built here from a greyscale array (usually a real batch-001 PNG), so no binary
+# fixture is committed. `dicom_bytes` stores `gray` so that a correct reader gives `gray` back:
+# the stored values, rescale, window and photometric interpretation are chosen to undo each other.
+
+FAKE_PATIENT_NAME = "Doe^Jane^Testpatient"
+FAKE_PATIENT_ID = "PID-4242-TESTONLY"
+
+
+def _jpeg_lossless(arr: np.ndarray, precision: int) -> bytes:
+    """A JPEG lossless (process 14, first-order prediction, SV1) codestream of a 2-D array.
+
+    pydicom 3 has no encoder for it; this one is just enough for tests: one Huffman table with
+    every difference category (0..16) coded in 5 bits.
+    """
+    h, w = arr.shape
+    x = arr.astype(np.int64)
+    pred = np.empty_like(x)
+    pred[0, 0] = 1 << (precision - 1)
+    pred[0, 1:] = x[0, :-1]   # first row: left neighbour
+    pred[1:, 0] = x[:-1, 0]   # first column: the pixel above
+    pred[1:, 1:] = x[1:, :-1]  # SV1: left neighbour
+    d = (x - pred).ravel() % 65536
+    d = np.where(d > 32768, d - 65536, d)  # -32767..32768
+    mag = np.abs(d)
+    ssss = np.zeros_like(mag)
+    nz = mag > 0
+    ssss[nz] = np.floor(np.log2(mag[nz])).astype(np.int64) + 1
+    extra = np.where(d >= 0, d, d - 1) & ((1 << ssss) - 1)
+    extra = np.where(ssss == 16, 0, extra)
+    nextra = np.where(ssss == 16, 0, ssss)
+    value = (ssss << nextra) | extra  # the 5-bit code of category s is s itself
+    nbits = 5 + nextra
+    j = np.arange(21)
+    bits = (value[:, None] >> (nbits[:, None] - 1 - j[None, :])) & 1
+    stream = bits[j[None, :] < nbits[:, None]].astype(np.uint8)
+    stream = np.concatenate([stream, np.ones((-len(stream)) % 8, np.uint8)])  # pad with 1 bits
+    body = np.packbits(stream).tobytes().replace(b"\xff", b"\xff\x00")
+    counts = bytes([0, 0, 0, 0, 17] + [0] * 11)
+    dht = b"\xff\xc4" + struct.pack(">H", 2 + 1 + 16 + 17) + b"\x00" + counts + bytes(range(17))
+    sof = b"\xff\xc3" + struct.pack(">HBHHB", 11, precision, h, w, 1) + b"\x01\x11\x00"
+    sos = b"\xff\xda" + struct.pack(">HB", 8, 1) + b"\x01\x00" + bytes([1, 0, 0])
+    return b"\xff\xd8" + sof + dht + sos + body + b"\xff\xd9"
+
+
+DICOM_VARIANTS = (
+    "mono2_8", "mono1_8", "rescale_12", "rescale_16", "signed_16_mono1", "window_12", "voilut_12",
+    "implicit_no_preamble", "rle_12_mono1", "j2k_lossless_16", "j2k_lossy_12", "jpeg_baseline_8",
+    "jpeg_lossless_12",
+)
+
+
+def dicom_bytes(
+    gray: np.ndarray,
+    variant: str = "mono2_8",
+    *,
+    modality: str = "DX",
+    view: str | None = "PA",
+    frames: int = 1,
+    pixels: bool = True,
+    patient_name: str = FAKE_PATIENT_NAME,
+    patient_id: str = FAKE_PATIENT_ID,
+) -> bytes:
+    """A single-frame DICOM of `gray` (2-D uint8) in one of DICOM_VARIANTS (see the comments)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about deliberately odd values (a test's point)
+        return _dicom_bytes(gray, variant, modality=modality, view=view, frames=frames, pixels=pixels,
+                            patient_name=patient_name, patient_id=patient_id)
+
+
+def _dicom_bytes(gray, variant, *, modality, view, frames, pixels, patient_name, patient_id) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import (
+        DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000,
+        JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, RLELossless, generate_uid,
+    )
+
+    g = np.asarray(gray, dtype=np.float64)
+    photometric, bits, signed = "MONOCHROME2", 8, False
+    extra: dict[str, Any] = {}
+    if variant in ("mono2_8", "implicit_no_preamble", "jpeg_baseline_8"):
+        stored = g
+    elif variant == "mono1_8":
+        stored, photometric = 255 - g, "MONOCHROME1"
+    elif variant in ("rescale_12", "rle_12_mono1", "jpeg_lossless_12", "j2k_lossy_12"):
+        bits = 12
+        stored = np.rint(g * 4095 / 255)
+        extra = {"RescaleSlope": 2, "RescaleIntercept": -1024, "RescaleType": "US"}
+        if variant == "rle_12_mono1":
+            stored, photometric = 4095 - stored, "MONOCHROME1"
+    elif variant in ("rescale_16", "j2k_lossless_16"):
+        bits = 16
+        stored = np.rint(g * 65535 / 255)
+        extra = {"RescaleSlope": 0.5, "RescaleIntercept": -8192, "RescaleType": "US"}
+    elif variant == "signed_16_mono1":  # PixelRepresentation 1, MONOCHROME1, identity rescale
+        bits, signed, photometric = 16, True, "MONOCHROME1"
+        stored = 32767 - np.rint(g * 65535 / 255)
+        extra = {"RescaleSlope": 1, "RescaleIntercept": 0}
+    elif variant == "window_12":
+        # The film uses stored values 1000..3040 of 0..4095; the window maps exactly that onto the
+        # full output: a reader that ignored the window would show a dim, grey film.
+        bits = 12
+        stored = 1000 + 8 * g
+        extra = {"WindowCenter": 2020.5, "WindowWidth": 2041, "VOILUTFunction": "LINEAR"}
+    elif variant == "voilut_12":
+        # Stored values are a gamma curve of the film; the VOI LUT undoes it.
+        bits = 12
+        stored = np.rint(4095 * (g / 255) ** 2)
+        s = np.arange(4096)
+        lut = np.rint(4095 * np.sqrt(s / 4095)).astype(int)
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 12]
+        item.LUTData = [int(v) for v in lut]
+        item["LUTData"].VR = "US"
+        extra = {"VOILUTSequence": [item]}
+    else:
+        raise ValueError(f"unknown DICOM variant {variant!r}")
+
+    dtype = (np.int16 if signed else np.uint16) if bits > 8 else np.uint8
+    arr = np.ascontiguousarray(stored.astype(dtype))
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.AccessionNumber = "ACC-TESTONLY-1"
+    ds.InstitutionName = "Test General Hospital"
+    ds.StudyDescription = f"CHEST {patient_name}"
+    ds.Modality = modality
+    ds.BodyPartExamined = "CHEST"
+    if view is not None:
+        ds.ViewPosition = view
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        arr = np.ascontiguousarray(np.stack([arr] * frames))
+    ts = ImplicitVRLittleEndian if variant == "implicit_no_preamble" else ExplicitVRLittleEndian
+    if pixels:
+        ds.PixelData = arr.tobytes()
+        ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ts
+    if pixels and variant == "rle_12_mono1":
+        ds.compress(RLELossless, generate_instance_uid=False)
+    elif pixels and variant == "j2k_lossless_16":
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    elif pixels and variant == "j2k_lossy_12":
+        ds.compress(JPEG2000, j2k_cr=[8], generate_instance_uid=False)
+    elif pixels and variant == "jpeg_baseline_8":
+        buf = io.BytesIO()
+        Image.fromarray(arr, "L").save(buf, "JPEG", quality=95)
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.LossyImageCompression = "01"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    elif pixels and variant == "jpeg_lossless_12":
+        ds.PixelData = encapsulate([_jpeg_lossless(arr, bits)])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    buf = io.BytesIO()
+    if variant == "implicit_no_preamble":  # a bare dataset: no preamble, no DICM, no file meta
+        del ds.file_meta
+        ds.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    else:
+        ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def dicom_file(path: Path | str, gray: np.ndarray, variant: str = "mono2_8", **kw) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(dicom_bytes(gray, variant, **kw))
+    return path

@@ -553,11 +553,11 @@ def _public(st: dict[str, Any]) -> dict[str, Any]:
 
 
 def _code_digest() -> str:
-    """Digest of the code that produces stats (this module and preprocess): edits invalidate the cache."""
-    from . import preprocess
+    """Digest of the code that produces stats (this module, preprocess, dicom): edits invalidate the cache."""
+    from . import dicom, preprocess
 
     h = hashlib.sha256(f"{STATS_VERSION}".encode())
-    for mod in (__file__, preprocess.__file__):
+    for mod in (__file__, preprocess.__file__, dicom.__file__):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()[:16]
 

@@ -2,6 +2,10 @@
 
 Training (via the decoded-image cache), evaluation and serving all call these
 functions; there is no second copy of the transforms anywhere in the project.
+
+`open_image` reads the Pillow formats in ALLOWED_FORMATS and DICOM (detected by content, see
+`covid_cxr.dicom`): a DICOM comes back as an 8-bit `L` image with `format == "DICOM"` (modality
+LUT, VOI LUT / window and MONOCHROME1 already applied), so every caller handles it unchanged.
 """
 from __future__ import annotations
 
@@ -51,10 +55,15 @@ def open_image(src: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
     Checks size *before* decoding pixels, so a decompression bomb costs nothing.
     Applies the EXIF orientation so rotated phone/JPEG exports come out upright.
+    DICOM (by content, not name) goes through `covid_cxr.dicom.open_dicom`.
     """
     data = _read_bytes(src)
     if len(data) == 0:
         raise ImageError("empty", "the file is empty (0 bytes)")
+    from .dicom import is_dicom, open_dicom
+
+    if is_dicom(data):
+        return open_dicom(data, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -62,7 +71,7 @@ def open_image(src: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         if isinstance(e, Image.DecompressionBombError):
             raise ImageError("too_large", f"image is too large to decode safely: {e}") from None
-        raise ImageError("not_an_image", "not a readable image (expected PNG, JPEG, BMP, TIFF or WebP)") from None
+        raise ImageError("not_an_image", "not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or DICOM)") from None
     except Exception as e:  # pragma: no cover - Pillow raises odd things on garbage
         raise ImageError("not_an_image", f"not a readable image: {e}") from None
     if im.format not in ALLOWED_FORMATS:
