@@ -30,6 +30,7 @@ STAGE_MODULES = (
     "gate",
     "package",
     "serving",
+    "monitor",
 )
 
 @app.callback()
