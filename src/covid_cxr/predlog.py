@@ -9,6 +9,13 @@ The service calls three things::
                "width": 2048, "height": 2500, "mode": "L", "format": "PNG", "sha256": "…"})
     log.close()                             # at shutdown (also registered with atexit)
 
+Fields: `time` UTC ISO 8601 (set here when absent); `request_id` a hex/UUID id (set here when
+absent); `model` the model/Bento tag; `label` the most probable class; `probabilities`
+{class: p}; `verdict` `ok`|`refer` and `reason` the refer reason code (verdict.py) or null;
+`novelty` the novelty score or null; `flagged` true when the novelty score is over the model's
+threshold (the answer's `in_distribution` is false); `width`, `height`, `mode`, `format` of the
+upload as opened (format `DICOM` for DICOM); `sha256` of the uploaded bytes.
+
 `describe_upload(path)` gives width, height, mode, format and sha256 of an upload (header only,
 no pixel decode) for callers that do not have them at hand.
 
@@ -22,7 +29,7 @@ Settings (environment, read by `from_env`):
 
 | variable                              | default                          | meaning                      |
 |---------------------------------------|----------------------------------|------------------------------|
-| `COVID_CXR_PREDICTION_LOG`            | `<project>/logs/predictions.jsonl` | file path; `off` (or `0`, `false`, `no`, `none`, empty) switches logging off; `{pid}` in it becomes the process id |
+| `COVID_CXR_PREDICTION_LOG`            | `<project>/logs/predictions.jsonl` | file path; `off` (or `0`, `false`, `no`, `none`, empty) switches logging off; `{pid}` in it becomes the process id. `<project>` is `config.project_root()`: set the path explicitly where there is no params.yaml (a Bento) |
 | `COVID_CXR_PREDICTION_LOG_MAX_MB`     | `50`                             | rotate when the file would pass this size |
 | `COVID_CXR_PREDICTION_LOG_BACKUPS`    | `5`                              | rotated files kept: `predictions.jsonl.1` (newest) … `.N` |
 | `COVID_CXR_PREDICTION_LOG_QUEUE`      | `10000`                          | records buffered before new ones are dropped (counted) |
@@ -104,19 +111,17 @@ def rotated_paths(path: Path | str) -> list[Path]:
 # ------------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------------
+_BAD = object()  # a value that failed its check
+
+
 def _num(v: Any) -> float | None:
     """A finite real number (Python or numpy), else None. Booleans are not numbers here."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        return None
+    t = type(v)
+    if t is not float and t is not int:
+        if t is bool or not isinstance(v, numbers.Real):
+            return None
     f = float(v)
     return f if math.isfinite(f) else None
-
-
-def _side(v: Any) -> int | None:
-    f = _num(v)
-    if f is None or f != int(f) or not 1 <= f <= MAX_SIDE:
-        return None
-    return int(f)
 
 
 def _time(v: Any) -> str | None:
@@ -136,82 +141,117 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _c_time(v: Any) -> Any:
+    t = _time(v)
+    return _BAD if t is None else t
+
+
+def _c_request_id(v: Any) -> Any:
+    return v.lower() if type(v) is str and _HEX_ID.match(v) else _BAD
+
+
+def _c_model(v: Any) -> Any:
+    return v if type(v) is str and _MODEL.match(v) else _BAD
+
+
+def _c_label(v: Any) -> Any:
+    return v if type(v) is str and v in CLASSES else _BAD
+
+
+def _c_verdict(v: Any) -> Any:
+    return v if type(v) is str and v in VERDICTS else _BAD
+
+
+def _c_reason(v: Any) -> Any:
+    return v if type(v) is str and _REASON.match(v) else _BAD
+
+
+def _c_novelty(v: Any) -> Any:
+    f = _num(v)
+    return _BAD if f is None else round(f, 6)
+
+
+def _c_flagged(v: Any) -> Any:
+    if v is True or v is False:
+        return v
+    if getattr(getattr(v, "dtype", None), "kind", "") == "b" or _num(v) in (0.0, 1.0):
+        return bool(v)
+    return _BAD
+
+
+def _c_side(v: Any) -> Any:
+    f = _num(v)
+    if f is None or f != int(f) or not 1 <= f <= MAX_SIDE:
+        return _BAD
+    return int(f)
+
+
+def _c_mode(v: Any) -> Any:
+    return v if type(v) is str and v in MODES else _BAD
+
+
+def _c_format(v: Any) -> Any:
+    if type(v) is str:
+        u = v.upper()
+        if u in FORMATS:
+            return u
+    return _BAD
+
+
+def _c_sha256(v: Any) -> Any:
+    if type(v) is str:
+        low = v.lower()
+        if _SHA256.match(low):
+            return low
+    return _BAD
+
+
+_CHECKS = {"time": _c_time, "request_id": _c_request_id, "model": _c_model, "label": _c_label,
+           "verdict": _c_verdict, "reason": _c_reason, "novelty": _c_novelty, "flagged": _c_flagged,
+           "width": _c_side, "height": _c_side, "mode": _c_mode, "format": _c_format, "sha256": _c_sha256}
+_FIELDSET = frozenset(FIELDS)
+_INVALID = {"mode": "other", "format": "OTHER"}  # what an unknown mode / format is written as
+
+
+def _probabilities(v: Any) -> tuple[dict[str, float] | None, int]:
+    if not isinstance(v, dict):
+        return None, 1
+    clean = {}
+    for c in CLASSES:
+        p = _num(v.get(c))
+        if p is not None and -1e-6 <= p <= 1 + 1e-6:
+            clean[c] = round(min(1.0, max(0.0, p)), 6)
+    return clean or None, len(v) - len(clean)
+
+
 def sanitize(record: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """(the record cut down to `FIELDS` with each value checked, how many keys were dropped or voided).
 
-    Every field is present in the output (null when missing or invalid), in `FIELDS` order.
+    Every field is present in the output, in `FIELDS` order: null when missing or invalid, except
+    `time` (now) and `request_id` (a fresh UUID), which are always set, and `mode` / `format`,
+    which are "other" / "OTHER" when not a known name.
     """
-    bad = sum(1 for k in record if k not in FIELDS)
+    bad = 0
+    for k in record:
+        if k not in _FIELDSET:
+            bad += 1
     out: dict[str, Any] = {}
-
-    t = _time(record.get("time"))
-    if t is None:
-        bad += "time" in record
-        t = now_iso()
-    out["time"] = t
-
-    rid = record.get("request_id")
-    if isinstance(rid, str) and _HEX_ID.match(rid):
-        out["request_id"] = rid.lower()
-    else:
-        bad += rid is not None
+    get = record.get
+    for k in FIELDS:
+        v = get(k)
+        if k == "probabilities":
+            out[k], b = (None, 0) if v is None else _probabilities(v)
+            bad += b
+            continue
+        c = None if v is None else _CHECKS[k](v)
+        if c is _BAD:
+            bad += 1
+            c = _INVALID.get(k)
+        out[k] = c
+    if out["time"] is None:
+        out["time"] = now_iso()
+    if out["request_id"] is None:
         out["request_id"] = uuid.uuid4().hex
-
-    def pick(key: str, ok: bool, value: Any) -> None:
-        nonlocal bad
-        present = record.get(key) is not None
-        out[key] = value if ok else None
-        bad += present and not ok
-
-    m = record.get("model")
-    pick("model", isinstance(m, str) and bool(_MODEL.match(m)), m)
-    lab = record.get("label")
-    pick("label", isinstance(lab, str) and lab in CLASSES, lab)
-
-    probs = record.get("probabilities")
-    clean: dict[str, float] | None = None
-    if isinstance(probs, dict):
-        clean = {}
-        for c in CLASSES:
-            p = _num(probs.get(c))
-            if p is not None and -1e-6 <= p <= 1 + 1e-6:
-                clean[c] = round(min(1.0, max(0.0, p)), 6)
-        bad += sum(1 for k in probs if k not in clean)
-        clean = clean or None
-    else:
-        bad += probs is not None
-    out["probabilities"] = clean
-
-    v = record.get("verdict")
-    pick("verdict", v in VERDICTS, v)
-    r = record.get("reason")
-    pick("reason", isinstance(r, str) and bool(_REASON.match(r)), r)
-    nov = _num(record.get("novelty"))
-    pick("novelty", nov is not None, None if nov is None else round(nov, 6))
-    fl = record.get("flagged")
-    fl_ok = isinstance(fl, bool) or getattr(getattr(fl, "dtype", None), "kind", "") == "b" or _num(fl) in (0.0, 1.0)
-    pick("flagged", fl_ok, bool(fl) if fl_ok else None)
-    for k in ("width", "height"):
-        s = _side(record.get(k))
-        pick(k, s is not None, s)
-
-    mode = record.get("mode")
-    if mode is None:
-        out["mode"] = None
-    elif isinstance(mode, str) and mode in MODES:
-        out["mode"] = mode
-    else:
-        out["mode"], bad = "other", bad + 1
-    fmt = record.get("format")
-    if fmt is None:
-        out["format"] = None
-    elif isinstance(fmt, str) and fmt.upper() in FORMATS:
-        out["format"] = fmt.upper()
-    else:
-        out["format"], bad = "OTHER", bad + 1
-
-    sha = record.get("sha256")
-    pick("sha256", isinstance(sha, str) and bool(_SHA256.match(sha.lower())), sha.lower() if isinstance(sha, str) else None)
     return out, bad
 
 
@@ -242,7 +282,9 @@ _STOP = object()
 class PredictionLog:
     """Append-only JSON-lines log with size rotation, written by a background thread.
 
-    `write()` never blocks on I/O and never raises. Use `from_env()` in the service.
+    `write()` never blocks on I/O and never raises. Use `from_env()` in the service, in the
+    serving process (the service's `__init__`, not at import: a forked child has no writer thread).
+    One writer per file: with several processes, put `{pid}` in the path (the monitor reads them all).
     """
 
     enabled = True
@@ -254,14 +296,13 @@ class PredictionLog:
         self.backups = max(0, int(backups))
         self._q: queue.Queue = queue.Queue(maxsize=max(1, int(queue_size)))
         self._batch = max(1, int(batch))
-        self._counts = {"queued": 0, "written": 0, "dropped": 0, "failed": 0, "sanitized": 0, "rotations": 0}
+        self._counts = {"written": 0, "dropped": 0, "failed": 0, "sanitized": 0, "rotations": 0}
         self._fh = None
         self._size = 0
         self._warned: set[str] = set()
         self._closed = False
         self._lock = threading.Lock()  # counts only
-        self._idle = threading.Event()
-        self._idle.set()
+        self._queued = 0  # no lock on the caller's path: exact from one thread, approximate from many
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -299,9 +340,8 @@ class PredictionLog:
             probs = rec.get("probabilities")
             if isinstance(probs, dict):  # the caller may reuse its own dict; ours must not change
                 rec["probabilities"] = dict(probs)
-            self._idle.clear()
             self._q.put_nowait(rec)
-            self._count("queued")
+            self._queued += 1
             return True
         except queue.Full:
             self._count("dropped")
@@ -316,6 +356,7 @@ class PredictionLog:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             s = dict(self._counts)
+        s["queued"] = self._queued
         s["pending"] = self._q.qsize()
         s["path"] = str(self.path)
         return s
@@ -326,7 +367,7 @@ class PredictionLog:
         while time.monotonic() < deadline:
             if self._q.unfinished_tasks == 0:
                 return True
-            self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            time.sleep(0.005)
         return self._q.unfinished_tasks == 0
 
     def close(self, timeout: float = 5.0) -> None:
@@ -393,11 +434,13 @@ class PredictionLog:
                 lines = self._lines(items)
                 if lines:
                     self._append(lines)
+            except Exception as e:  # a bug here must not stop the thread (the queue would only fill)
+                self._count("failed", sum(1 for it in items if it is not _STOP))
+                self._warn_once("writer", "prediction log: writer error: %s", e)
+                self._close_file()
             finally:
                 for _ in items:
                     self._q.task_done()
-                if self._q.unfinished_tasks == 0:
-                    self._idle.set()
             if stop:
                 self._close_file()
                 return

@@ -283,3 +283,23 @@ def test_describe_upload(tmp_path):
     assert info["width"] is None and len(info["sha256"]) == 64
     out, _ = predlog.sanitize({**GOOD, **predlog.describe_upload(p)})
     assert out["mode"] == "I;16" and out["width"] == 40
+
+
+def test_an_unexpected_writer_error_does_not_stop_the_writer(tmp_path, monkeypatch):
+    real = PredictionLog._append
+    calls = {"n": 0}
+
+    def buggy(self, lines_):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        real(self, lines_)
+
+    monkeypatch.setattr(PredictionLog, "_append", buggy)
+    log = PredictionLog(tmp_path / "p.jsonl", batch=1)
+    log.write(GOOD)
+    log.flush(10)
+    log.write(GOOD)
+    log.close()
+    assert log.stats()["failed"] == 1 and log.stats()["written"] == 1
+    assert len(lines(tmp_path / "p.jsonl")) == 1
