@@ -399,7 +399,7 @@ def run_monitor(
     report_path = Path(report_path)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     page = report_path.with_suffix(".md")
-    report["page"] = str(page)
+    report["page"], report["report"] = str(page), str(report_path)
     imgs = _plots(ref, win, report, report_path.parent / f"{report_path.stem}_img", s) if plots else {}
     page.write_text(page_markdown(report, {k: Path(v).relative_to(page.parent).as_posix() for k, v in imgs.items()}))
     report_path.write_text(json.dumps(report, indent=2))
@@ -468,6 +468,14 @@ def page_markdown(report: dict[str, Any], images: dict[str, str] | None = None) 
         lines += ["## Plots", ""]
         lines += [f"![{k}]({v})" for k, v in images.items()]
         lines.append("")
+    return "\n".join(lines)
+
+
+def artifact_markdown(report: dict[str, Any]) -> str:
+    """The page for a Prefect markdown artifact: the same text, the plots named by path (the UI
+    cannot show local files)."""
+    lines = [page_markdown(report).rstrip(), "",
+             f"Report: `{report.get('report', '')}`; page with plots: `{report.get('page', '')}`", ""]
     return "\n".join(lines)
 
 
