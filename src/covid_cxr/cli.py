@@ -31,6 +31,7 @@ STAGE_MODULES = (
     "gate",
     "package",
     "serving",
+    "monitor",
 )
 
 @app.callback()
