@@ -42,13 +42,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import json
 import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,6 +64,7 @@ from starlette.staticfiles import StaticFiles
 
 from .config import CLASSES
 from .imagecheck import xray_rule
+from .predlog import PredictionLog
 from .preprocess import MAX_PIXELS, ImageError, open_image, resize_gray, to_gray
 from .verdict import REASONS, Policy, decide
 
@@ -222,6 +226,16 @@ class GuardMiddleware:
                 raise
         if over and not started:
             await self._too_large(None)(scope, _drained, send)
+
+
+@dataclass
+class Upload:
+    """One decoded upload: pixels, the not-an-X-ray rule it fails (or None), and what the
+    prediction log may know of it (size, mode, format, sha256; never pixels or names)."""
+
+    gray: np.ndarray
+    rule: str | None
+    info: dict[str, Any]
 
 
 class Overloaded(RuntimeError):
@@ -387,6 +401,7 @@ class CovidCxr:
         self.batcher: Batcher | None = None
         self._explain_lock = threading.Lock()
         self._decode_limiter: Any = None
+        self.predlog = PredictionLog.from_env()
         log.info("covid-cxr: model %s from %s", self.model_tag, self.model_dir)
 
     # ---------- model ----------
@@ -463,6 +478,7 @@ class CovidCxr:
     def _shutdown(self) -> None:
         if self.batcher is not None:
             self.batcher.shutdown()
+        self.predlog.close()
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -473,13 +489,14 @@ class CovidCxr:
         return error_response("model_loading", "the model is still loading; retry in a few seconds", 503)
 
     # ---------- inputs ----------
-    def _decode(self, path: Path) -> tuple[np.ndarray, str | None]:
-        """An uploaded file -> (full-resolution 2-D uint8 grey, the not-an-X-ray rule it fails), or ImageError."""
+    def _decode(self, path: Path) -> Upload:
+        """An uploaded file -> Upload (full-resolution 2-D uint8 grey), or ImageError."""
         size = path.stat().st_size
         if size > self.limits.max_upload_bytes:
             raise ImageError("upload_too_large", f"the file is {size / 1e6:.1f} MB, over the "
                              f"{self.limits.max_upload_bytes / 1024 / 1024:g} MB limit")
-        im = open_image(path.read_bytes(), max_pixels=self.limits.max_pixels)
+        data = path.read_bytes()
+        im = open_image(data, max_pixels=self.limits.max_pixels)
         if min(im.size) < self.limits.min_side:
             raise ImageError("too_small", f"the image is {im.size[0]}x{im.size[1]} px; "
                              f"both sides must be at least {self.limits.min_side} px")
@@ -487,13 +504,15 @@ class CovidCxr:
             gray = to_gray(im)
         except Exception as e:  # an exotic mode Pillow cannot convert is still the input's fault
             raise ImageError("corrupt", f"cannot convert the {im.mode} image to greyscale: {e}") from None
-        return gray, xray_rule(im, gray)
+        info = {"width": im.size[0], "height": im.size[1], "mode": im.mode, "format": im.format,
+                "sha256": hashlib.sha256(data).hexdigest()}
+        return Upload(gray, xray_rule(im, gray), info)
 
-    def _decode_resized(self, path: Path) -> tuple[np.ndarray, str | None]:
-        gray, rule = self._decode(path)
-        return resize_gray(gray, self.model.size), rule
+    def _decode_resized(self, path: Path) -> Upload:
+        up = self._decode(path)
+        return replace(up, gray=resize_gray(up.gray, self.model.size))
 
-    async def _grays(self, paths: Sequence[Path], full: bool = False) -> list[tuple[np.ndarray, str | None]]:
+    async def _grays(self, paths: Sequence[Path], full: bool = False) -> list[Upload]:
         """Decode (and, unless `full`, resize to the model's input size) in worker threads:
         a 100 MP upload must not stall the event loop."""
         import anyio
@@ -518,10 +537,11 @@ class CovidCxr:
             "model": self.model_tag,
         }
 
-    async def _classify(self, items: Sequence[tuple[np.ndarray, str | None]], timing: dict[str, float] | None = None
+    async def _classify(self, items: Sequence[Upload], timing: dict[str, float] | None = None
                         ) -> tuple[list[dict[str, Any]], int]:
-        """(model-size grey, rule) pairs -> (one result per image, the largest forward batch they were part of)."""
-        x = np.stack([g for g, _ in items])
+        """Model-size uploads -> (one result per image, the largest forward batch they were part of).
+        Each result is also appended to the prediction log (never blocks, never fails the request)."""
+        x = np.stack([u.gray for u in items])
         t0 = time.perf_counter()
         try:
             rows = await self.batcher(x)
@@ -531,9 +551,15 @@ class CovidCxr:
             fwd = float(rows[:, -2].max())
             timing["model"] = fwd
             timing["queue"] = max(0.0, 1000 * (time.perf_counter() - t0) - fwd)
-        return [self._result(r, rule) for r, (_, rule) in zip(rows, items)], int(rows[:, -1].max())
+        results = [self._result(r, u.rule) for r, u in zip(rows, items)]
+        for res, u in zip(results, items):
+            self.predlog.write({"request_id": uuid.uuid4().hex, "model": res["model"], "label": res["label"],
+                                "probabilities": res["probabilities"], "verdict": res["verdict"],
+                                "reason": res["reason"], "novelty": res["novelty"],
+                                "flagged": not res["in_distribution"], **u.info})
+        return results, int(rows[:, -1].max())
 
-    async def _decode_all(self, paths: Sequence[Path], timing: dict[str, float]) -> list[tuple[np.ndarray, str | None]]:
+    async def _decode_all(self, paths: Sequence[Path], timing: dict[str, float]) -> list[Upload]:
         t0 = time.perf_counter()
         grays = await self._grays(paths)
         timing["decode"] = 1000 * (time.perf_counter() - t0)
@@ -598,9 +624,10 @@ class CovidCxr:
         if not self.ready:
             return self._not_ready()
         try:
-            ((gray, rule),) = await self._grays([image], full=True)
+            (up,) = await self._grays([image], full=True)
+            gray = up.gray
             small = await anyio.to_thread.run_sync(resize_gray, gray, self.model.size)
-            (res,), _ = await self._classify([(small, rule)])
+            (res,), _ = await self._classify([replace(up, gray=small)])
         except ImageError as e:
             return error_response(e.code, e.message)
         except Overloaded as e:

@@ -214,3 +214,27 @@ def test_batch_larger_than_the_max_batch_is_split_and_reassembled(server, api, t
     got = np.array([[res["probabilities"][c] for c in CLASSES] for res in out])
     np.testing.assert_allclose(got, ref.probs, atol=1e-4)
     assert int(r.headers["x-batch-size"]) <= 16
+
+
+def test_every_prediction_is_logged_without_pixels_or_names(server, api, train_images):
+    """The served Bento appends one whitelisted JSON line per prediction (predlog.py)."""
+    import time as _t
+
+    log = server.root / "logs" / "predictions.jsonl"
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    r = post_image(api, train_images[2])
+    assert r.status_code == 200
+    deadline = _t.monotonic() + 10
+    while _t.monotonic() < deadline:  # the writer thread appends in the background
+        lines = log.read_text().splitlines() if log.exists() else []
+        if len(lines) > before:
+            break
+        _t.sleep(0.2)
+    rec = json.loads(lines[-1])
+    res = r.json()
+    assert rec["label"] == res["label"] and rec["verdict"] == res["verdict"] and rec["model"] == server.model
+    assert rec["format"] == "PNG" and rec["width"] > 0 and len(rec["sha256"]) == 64
+    import hashlib
+
+    assert rec["sha256"] == hashlib.sha256(train_images[2].read_bytes()).hexdigest()
+    assert train_images[2].name not in lines[-1] and "image_png" not in rec

@@ -133,9 +133,10 @@ def test_decode_applies_the_configured_limits(monkeypatch, tmp_path):
     decode = service.CovidCxr.inner._decode
     ok = tmp_path / "ok.png"
     Image.fromarray(np.full((90, 100), 7, np.uint8)).save(ok)            # 9000 px
-    gray, rule = decode(Fake(), ok)
-    assert gray.shape == (90, 100)
-    assert rule == "not_xray_blank"  # a constant frame: decoded, but not an X-ray
+    up = decode(Fake(), ok)
+    assert up.gray.shape == (90, 100)
+    assert up.rule == "not_xray_blank"  # a constant frame: decoded, but not an X-ray
+    assert up.info["width"] == 100 and up.info["format"] == "PNG" and len(up.info["sha256"]) == 64
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((101, 100), np.uint8)).save(big)             # 10100 px
     with pytest.raises(ImageError) as e:
