@@ -107,6 +107,9 @@ _install(app)
 
 def main() -> None:
     """Console entry point: a usage error or a missing input is one line on stderr, not a traceback."""
+    from .progress import throttle_tqdm_env
+
+    throttle_tqdm_env()  # before any stage imports tqdm: a log gets a bar line now and then
     try:
         rv = app(standalone_mode=False)
     except _cx.NoArgsIsHelpError as e:  # bare `covid-cxr` / `covid-cxr data`: the help

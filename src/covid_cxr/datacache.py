@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
-
 from .preprocess import load_gray
+from .progress import tqdm
 
 
 CACHE_VERSION = 2  # bump when the file layout changes

@@ -67,7 +67,7 @@ def import_tree(
     known = _data_shas(data_dir)
     it: Iterable = files
     if progress:
-        from tqdm import tqdm
+        from .progress import tqdm
 
         it = tqdm(files, desc="importing", unit="file", dynamic_ncols=True)
     for f in it:
