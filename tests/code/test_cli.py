@@ -47,6 +47,8 @@ def project(tmp_path, monkeypatch):
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """cli.main() as the console script runs it: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["covid-cxr", *args])
+    for k in ("TQDM_MININTERVAL", "TQDM_MAXINTERVAL"):  # main() sets these in a log: keep them test-local
+        monkeypatch.setenv(k, os.environ.get(k, "10"))
     with pytest.raises(SystemExit) as e:
         cli.main()
     out = capsys.readouterr()
