@@ -2,22 +2,48 @@
 
 Training and evaluation read pixels from here; both go through
 `preprocess.load_gray`, so the cache is the same transform serving applies.
+The cache key covers the manifest rows (path, sha256), the size and the code that makes
+the pixels (preprocess.py, this module's decode path, Pillow's version): editing the
+preprocessing invalidates the cache instead of serving stale pixels.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
-
 from .preprocess import load_gray
+from .progress import tqdm
+
+
+CACHE_VERSION = 2  # bump when the file layout changes
+
+
+def code_digest() -> str:
+    """Digest of everything that turns a file into cached pixels.
+
+    preprocess.py as a whole (load_gray and what it calls), this module's decode path
+    (`_decode`, `decoded`) and the Pillow version (its decoders and resampling).
+    """
+    import PIL
+
+    from . import preprocess
+
+    h = hashlib.sha256(f"v{CACHE_VERSION}|PIL {PIL.__version__}|".encode())
+    h.update(Path(preprocess.__file__).read_bytes())
+    for fn in (_decode, decoded):
+        try:
+            h.update(inspect.getsource(fn).encode())
+        except OSError:  # no source shipped: the bytecode still changes with the code
+            h.update(fn.__code__.co_code)
+    return h.hexdigest()[:16]
 
 
 def _key(df: pd.DataFrame, size: int) -> str:
-    h = hashlib.sha1(f"{size}|".encode())
+    h = hashlib.sha1(f"{size}|{code_digest()}|".encode())
     for p, s in zip(df["path"], df["sha256"]):
         h.update(f"{p}|{s}\n".encode())
     return h.hexdigest()[:16]

@@ -6,6 +6,10 @@ Files land in `data/COVID-19_Radiography_Dataset/<Class>/images/`. Rules:
   it as `<stem>.<sha256[:8]><ext>` and reported as a conflict (re-importing it is then a skip);
 - `masks/`, `Lung_Opacity/`, `*.xlsx` and top-level README/licence files are skipped, in one line;
 - files outside a known class folder are not imported (`unknown_class`).
+A zip is unpacked to a temporary folder under the zip-bomb limits of params.yaml's `import:`
+section (total and per-member uncompressed size, compression ratio), checked from its headers
+before anything is unpacked and counted again while unpacking (headers can lie); an archive
+over a limit is refused with one line and nothing is written to data/.
 The import copies bytes only; `covid-cxr data check` is the gate for content (`--check` runs it).
 """
 from __future__ import annotations
@@ -14,10 +18,12 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from .config import KAGGLE_ROOT
+from .config import KAGGLE_ROOT, load_params, project_root
 from .imagecheck import Limits, StatsCache, check_batch, default_cache_dir, scan_source, sha256_file, skip_kind, skipped_line
 
 
@@ -61,7 +67,7 @@ def import_tree(
     known = _data_shas(data_dir)
     it: Iterable = files
     if progress:
-        from tqdm import tqdm
+        from .progress import tqdm
 
         it = tqdm(files, desc="importing", unit="file", dynamic_ncols=True)
     for f in it:
@@ -84,9 +90,42 @@ def import_tree(
     return result
 
 
-def _extract_zip(zf: zipfile.ZipFile, dest: Path) -> dict[str, int]:
-    """Unpack the members that can be dataset images; count (and never unpack) masks/ etc."""
+class UnsafeArchive(ValueError):
+    """An archive that is refused as a whole (zip bomb, zip slip, corrupt member); one-line message."""
+
+
+MB = 1024 * 1024
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """Zip-bomb guards from params.yaml `import:` (no defaults here: the numbers live in params.yaml)."""
+
+    max_total_bytes: int
+    max_member_bytes: int
+    max_ratio: float
+    ratio_min_bytes: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None = None) -> "ZipLimits":
+        params = params if params is not None else load_params(project_root() / "params.yaml")
+        imp = params.get("import") or {}
+        missing = [k for k in ("max_total_mb", "max_member_mb", "max_ratio", "ratio_min_mb") if k not in imp]
+        if missing:
+            raise KeyError(f"params.yaml import: lacks {', '.join(missing)} (the zip-bomb limits of `data import`)")
+        return cls(int(float(imp["max_total_mb"]) * MB), int(float(imp["max_member_mb"]) * MB),
+                   float(imp["max_ratio"]), int(float(imp["ratio_min_mb"]) * MB))
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:,.1f} MB"
+
+
+def _members(zf: zipfile.ZipFile, dest: Path) -> tuple[list[zipfile.ZipInfo], dict[str, int]]:
+    """The members that would be unpacked (zip slip refused), and the counts of skipped ones."""
     skipped: dict[str, int] = {}
+    out = []
     root = dest.resolve()
     for m in zf.infolist():
         if m.is_dir():
@@ -96,17 +135,70 @@ def _extract_zip(zf: zipfile.ZipFile, dest: Path) -> dict[str, int]:
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
         if root not in (dest / m.filename).resolve().parents:
-            raise ValueError(f"refusing zip member outside the target folder: {m.filename}")
-        zf.extract(m, dest)
+            raise UnsafeArchive(f"refusing zip member outside the target folder: {m.filename}")
+        out.append(m)
+    return out, skipped
+
+
+def check_zip_headers(members: list[zipfile.ZipInfo], limits: ZipLimits) -> None:
+    """Refuse, before unpacking anything, what the headers already show to be too big."""
+    total = 0
+    for m in members:
+        if m.file_size > limits.max_member_bytes:
+            raise UnsafeArchive(f"member {m.filename} would unpack to {_mb(m.file_size)}, over "
+                                f"import.max_member_mb ({_mb(limits.max_member_bytes)})")
+        if m.file_size > limits.ratio_min_bytes and m.file_size > limits.max_ratio * max(m.compress_size, 1):
+            raise UnsafeArchive(f"member {m.filename} is compressed {m.file_size / max(m.compress_size, 1):,.0f}:1, "
+                                f"over import.max_ratio ({limits.max_ratio:g}:1): a zip bomb?")
+        total += m.file_size
+        if total > limits.max_total_bytes:
+            raise UnsafeArchive(f"the archive would unpack to more than {_mb(limits.max_total_bytes)} "
+                                f"(import.max_total_mb)")
+
+
+def _unpack_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, dst: Path, limits: ZipLimits, done: int) -> int:
+    """Stream one member to `dst`, counting the bytes it really yields; returns that count."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with zf.open(m) as src, open(dst, "wb") as out:
+        while chunk := src.read(CHUNK):
+            n += len(chunk)
+            if n > m.file_size:
+                raise UnsafeArchive(f"member {m.filename} unpacks to more than the {m.file_size:,} bytes its "
+                                    "header declares: refusing the archive")
+            if n > limits.max_member_bytes or done + n > limits.max_total_bytes:
+                raise UnsafeArchive(f"member {m.filename} goes over the import limits while unpacking "
+                                    f"(import.max_member_mb / import.max_total_mb)")
+            out.write(chunk)
+    return n
+
+
+def _extract_zip(zf: zipfile.ZipFile, dest: Path, limits: ZipLimits | None = None) -> dict[str, int]:
+    """Unpack the members that can be dataset images; count (and never unpack) masks/ etc."""
+    limits = limits or ZipLimits.from_params()
+    members, skipped = _members(zf, dest)
+    check_zip_headers(members, limits)
+    done = 0
+    for m in members:
+        try:
+            done += _unpack_member(zf, m, dest / m.filename, limits, done)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+            # bad CRC / truncated stream / unknown compression / encrypted; OSError (disk full) propagates
+            raise UnsafeArchive(f"member {m.filename} is corrupt ({e}): refusing the archive") from e
     return skipped
 
 
-def import_source(src: Path, data_dir: Path, *, check: bool = False, progress: bool = False) -> dict[str, Any]:
-    """`import_tree` for a folder or a .zip (unpacked to a temporary folder first)."""
+def import_source(src: Path, data_dir: Path, *, check: bool = False, progress: bool = False,
+                  limits: ZipLimits | None = None) -> dict[str, Any]:
+    """`import_tree` for a folder or a .zip (unpacked to a temporary folder first, under `limits`)."""
     src = Path(src)
     if src.is_file() and zipfile.is_zipfile(src):
+        limits = limits or ZipLimits.from_params()
         with tempfile.TemporaryDirectory(prefix="covid-cxr-import-") as tmp, zipfile.ZipFile(src) as zf:
-            skipped = _extract_zip(zf, Path(tmp))
+            try:
+                skipped = _extract_zip(zf, Path(tmp), limits)
+            except UnsafeArchive as e:
+                raise UnsafeArchive(f"{src.name}: {e}") from None
             res = _import_dir(Path(tmp), data_dir, check=check, progress=progress)
             for k, v in skipped.items():
                 res["skipped"][k] = res["skipped"].get(k, 0) + v
@@ -141,7 +233,11 @@ def register(app, data_app) -> None:
         from .config import Paths
 
         data_dir = data_dir or Paths().data
-        res = import_source(src, data_dir, check=check, progress=True)
+        try:
+            res = import_source(src, data_dir, check=check, progress=True)
+        except UnsafeArchive as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
         if res["skipped"]:
             typer.echo(skipped_line(res["skipped"]))
         typer.echo(

@@ -63,6 +63,7 @@ import numpy as np
 
 from .config import CLASSES, KAGGLE_ROOT, load_params, project_root
 from .preprocess import ImageError, open_image, to_gray
+from .xrayrule import BLANK_STD_MIN, COLOUR_MAX, GREY_MODES, THUMB_GRID, colourfulness, thumbnail  # noqa: F401
 
 # --------------------------------------------------------------------------- reasons
 
@@ -86,19 +87,9 @@ REASONS: dict[str, str] = {
 # Not a rejection: an accepted file that looks like a re-crop of a film already in data/ carries
 # `same_film_as` / `film_corr`; `prepare` then keeps it in that film's split.
 
-# "Plainly not a chest X-ray" rule (documented in the README):
-# - colour: mean absolute difference between the R, G and B channels, in 0..255 grey levels.
-#   Greyscale X-rays (also when saved as RGB/JPEG) score ~0-2; photos and screenshots 20+.
-COLOUR_MAX = 12.0
-# - blank: standard deviation of the 40x40 greyscale thumbnail (the hash's). The 6,119 real images
-#   score >= 13.2 (median 58).
-BLANK_STD_MIN = 5.0
-
-GREY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 # Perceptual hash constants. The stats cache is keyed by a digest of this file, so edits here
 # invalidate it; STATS_VERSION is only for changes made elsewhere.
-HASH_GRID = 40
 HASH_SIGMA = 2.5
 HASH_SEED = 20240611
 STATS_VERSION = 2
@@ -109,6 +100,11 @@ FILM_CANDIDATE_SPECTRUM = 0.91  # ...or of their low-frequency log spectra (`_sp
 FILM_SIGMA = 1.5  # band-pass of the aligned score, in px of the 40x40 thumbnail
 FILM_BORDER = 3  # px of the thumbnail's edge left out of the score (film edges, burnt-in labels)
 FILM_PRUNE = 0.6  # pairs scoring under this after the profile alignment get no 2-D alignment
+
+
+# The "plainly not a chest X-ray" rules (colour, blank) and the 40x40 thumbnail live in
+# xrayrule.py: serving and batch scoring apply them too.
+HASH_GRID = THUMB_GRID
 
 
 # --------------------------------------------------------------------------- limits
@@ -183,18 +179,6 @@ def _blur(a: np.ndarray) -> np.ndarray:
     return _BLUR @ a @ _BLUR.T
 
 
-def thumbnail(gray) -> np.ndarray:
-    """HASH_GRID x HASH_GRID float32 Lanczos thumbnail (box pre-reduction for speed).
-
-    `gray`: a 2-D uint8 array, or a PIL image of mode L (the same pixels, without the copies).
-    """
-    from PIL import Image
-
-    im = gray if isinstance(gray, Image.Image) else Image.fromarray(gray)
-    im = im.resize((HASH_GRID, HASH_GRID), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return np.asarray(im, dtype=np.float32)
-
-
 def hash_thumbnail(thumb: np.ndarray) -> int:
     """64-bit band-pass SimHash of a `thumbnail` (see the module docstring)."""
     resid = thumb - _blur(thumb)
@@ -227,33 +211,6 @@ def hamming(a: int | np.ndarray, b: int | np.ndarray) -> np.ndarray | int:
     x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
     out = np.bitwise_count(x)
     return int(out) if out.ndim == 0 else out
-
-
-def colourfulness(im) -> float:
-    """Mean |R-G|, |G-B|, |R-B| over a <=128 px thumbnail, in grey levels (0 for grey modes)."""
-    if im.mode in GREY_MODES or im.mode == "LA":
-        return 0.0
-    rgb = im.convert("RGB")
-    f = max(1, min(rgb.size) // 128)
-    if f > 1:
-        rgb = rgb.reduce(f)
-    a = np.asarray(rgb, dtype=np.int16)
-    r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    return float((np.abs(r - g) + np.abs(g - b) + np.abs(r - b)).mean() / 3.0)
-
-
-def xray_rule(im, gray: np.ndarray, limits: "Limits | None" = None) -> str | None:
-    """The "plainly not a chest X-ray" rules of `judge`, for one decoded image: a reason code or None.
-
-    Serving and batch scoring call this on every upload, so a picture that `data check` would
-    reject as not an X-ray is never presented as a diagnosis (verdict `refer`, `not_an_xray`).
-    """
-    limits = limits or Limits()
-    if colourfulness(im) > limits.colour_max:
-        return "not_xray_colour"
-    if float(thumbnail(gray).std()) < limits.blank_std_min:
-        return "not_xray_blank"
-    return None
 
 
 # --------------------------------------------------------------------------- same-film signal
@@ -553,11 +510,11 @@ def _public(st: dict[str, Any]) -> dict[str, Any]:
 
 
 def _code_digest() -> str:
-    """Digest of the code that produces stats (this module, preprocess, dicom): edits invalidate the cache."""
-    from . import dicom, preprocess
+    """Digest of the code that produces stats (this module, preprocess, dicom, xrayrule): edits invalidate the cache."""
+    from . import dicom, preprocess, xrayrule
 
     h = hashlib.sha256(f"{STATS_VERSION}".encode())
-    for mod in (__file__, preprocess.__file__, dicom.__file__):
+    for mod in (__file__, preprocess.__file__, dicom.__file__, xrayrule.__file__):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()[:16]
 

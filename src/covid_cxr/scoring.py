@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .imagecheck import xray_rule
+from .xrayrule import xray_rule
 from .model_io import LoadedModel, Predictions
 from .preprocess import MAX_PIXELS, ImageError, open_image, resize_gray, to_gray
 

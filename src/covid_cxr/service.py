@@ -63,7 +63,7 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.staticfiles import StaticFiles
 
 from .config import CLASSES
-from .imagecheck import xray_rule
+from .xrayrule import xray_rule
 from .predlog import PredictionLog
 from .preprocess import MAX_PIXELS, ImageError, open_image, resize_gray, to_gray
 from .verdict import REASONS, Policy, decide

@@ -1,0 +1,151 @@
+"""`dvc plots show` works offline: Vega is inlined in the page template, and ROC has one line per class.
+
+.dvc/config sets plots.html_template = plots/offline.html (built by .dvc/plots/vendor/build.py);
+dvc.yaml renders roc.csv with .dvc/plots/roc_by_class.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DVC_DIR = REPO / ".dvc"
+VENDOR = DVC_DIR / "plots" / "vendor"
+DVC = Path(sys.executable).with_name("dvc")
+
+CLASSES = ("COVID", "Normal", "Viral Pneumonia")
+SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
+
+
+def html_template() -> Path:
+    from configobj import ConfigObj
+
+    rel = ConfigObj(str(DVC_DIR / "config"))["plots"]["html_template"]
+    return (DVC_DIR / rel).resolve()  # DVC resolves it against .dvc/
+
+
+def scripts(html: str) -> list[tuple[str, str]]:
+    return SCRIPT.findall(html)
+
+
+def assert_offline_page(html: str) -> None:
+    """No script loaded from anywhere; the three vendored builds inlined byte for byte, in load order."""
+    manifest = json.loads((VENDOR / "vendor.json").read_text())
+    tags = scripts(html)
+    assert not [a for a, _ in tags if "src" in a.lower()], "a <script src=...> needs the network"
+    assert not re.search(r"<(script|link)\b[^>]*\b(src|href)\s*=\s*[\"']?(https?:)?//", html, re.I)
+    vendored = [(re.search(r'data-vendored="([^"]+)"', a).group(1), body) for a, body in tags if "data-vendored" in a]
+    assert [n for n, _ in vendored] == [f"{k}@{v['version']}" for k, v in manifest.items()]
+    for (name, body), (pkg, meta) in zip(vendored, manifest.items()):
+        assert hashlib.sha256(body.encode()).hexdigest() == meta["sha256"], f"{name} differs from the vendored build"
+
+
+def sample_plots(root: Path) -> None:
+    """Small plot files with three clearly different ROC curves (artifacts/ is the pipeline's)."""
+    d = root / "artifacts" / "eval" / "plots"
+    d.mkdir(parents=True, exist_ok=True)
+    rows = ["class,fpr,tpr"]
+    for cls, a in zip(CLASSES, (0.08, 0.3, 0.7)):
+        rows += [f"{cls},{i / 20},{(i / 20) ** a:.4f}" for i in range(21)]
+    (d / "roc.csv").write_text("\n".join(rows) + "\n")
+    (d / "confusion.csv").write_text("actual,predicted\n" + "".join(f"{c},{c}\n" for c in CLASSES * 3))
+    (d / "reliability.csv").write_text("bin,lo,hi,confidence,accuracy,count\n0,0.5,0.75,0.6,0.5,4\n1,0.75,1.0,0.9,0.9,9\n")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    """`dvc plots show` in a copy of the project (dvc.yaml, params.yaml, .dvc/) with sample plot data."""
+    root = tmp_path_factory.mktemp("plots") / "proj"
+    root.mkdir()
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / f, root / f)
+    shutil.copytree(DVC_DIR, root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    (root / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")
+    sample_plots(root)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run([str(DVC), "plots", "show", "-o", "out"], cwd=root, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root / "out" / "index.html"
+
+
+def test_config_points_at_the_offline_template():
+    t = html_template()
+    assert t.is_file() and t == (DVC_DIR / "plots" / "offline.html").resolve()
+    page = t.read_text(encoding="utf-8")
+    assert "{plot_divs}" in page and "{scripts}" not in page  # no placeholder: dvc-render adds no CDN tags
+    assert_offline_page(page)
+
+
+def test_vendored_versions_are_the_ones_dvc_render_pins():
+    """dvc-render's own page loads these from the CDN; upgrading it needs a rebuild (vendor/build.py)."""
+    from dvc_render.vega import VegaRenderer
+
+    pinned = dict(re.findall(r"cdn\.jsdelivr\.net/npm/([a-z-]+)@([0-9.]+)", VegaRenderer.SCRIPTS))
+    manifest = json.loads((VENDOR / "vendor.json").read_text())
+    assert {k: v["version"] for k, v in manifest.items()} == pinned
+    assert all(v["license"] == "BSD-3-Clause" and (VENDOR / f"LICENSE-{k}").is_file() for k, v in manifest.items())
+
+
+def test_vendored_code_stays_small():
+    assert html_template().stat().st_size < 1_500_000
+
+
+def test_dvc_plots_show_writes_an_offline_page(rendered):
+    html = rendered.read_text(encoding="utf-8")
+    assert_offline_page(html)
+    assert "cdn.jsdelivr.net" not in "".join(a for a, _ in scripts(html))
+
+
+def _specs(html: str) -> list[dict]:
+    return [json.loads(m) for m in re.findall(r"var spec = (\{.*?\});\s*vegaEmbed", html, re.S)]
+
+
+def test_roc_is_drawn_per_class(rendered):
+    [roc] = [s for s in _specs(rendered.read_text(encoding="utf-8")) if "ROC" in json.dumps(s.get("title"))]
+    line = roc["layer"][-1]
+    assert line["encoding"]["color"]["field"] == "class"
+    assert line["encoding"]["x"]["field"] == "fpr" and line["encoding"]["y"]["field"] == "tpr"
+    assert sorted({d["class"] for d in line["data"]["values"]}) == list(CLASSES)
+
+
+def test_roc_template_is_referenced_by_the_roc_plot():
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]["plots"]
+    roc = next(p for p in plots if "artifacts/eval/plots/roc.csv" in p)["artifacts/eval/plots/roc.csv"]
+    assert roc["template"] == "roc_by_class" and (DVC_DIR / "plots" / "roc_by_class.json").is_file()
+
+
+@pytest.mark.e2e
+def test_page_draws_three_roc_lines_in_chromium_without_network(rendered, tmp_path):
+    """Headless Chromium with every host unresolvable and a dead proxy: the ROC lines are painted in
+    the first three colours of Vega's category scale."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("no chromium")
+    import numpy as np
+    from PIL import Image
+
+    roc_only = tmp_path / "roc.html"
+    html = rendered.read_text(encoding="utf-8")
+    divs = re.findall(r'<div id = "[^"]*">.*?</div>', html, re.S)
+    [roc_div] = [d for d in divs if "ROC" in d]
+    head = html.rsplit("<body>", 1)[0]  # the last one: the inlined code may spell "<body>" too
+    roc_only.write_text(f"{head}<body>{roc_div}</body></html>", encoding="utf-8")
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
+                    "--proxy-server=127.0.0.1:9", "--window-size=600,450", "--virtual-time-budget=8000",
+                    f"--screenshot={shot}", roc_only.as_uri()], capture_output=True, timeout=120, check=True)
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    for hexcol in ("#4c78a8", "#f58518", "#e45756"):  # tableau10: COVID, Normal, Viral Pneumonia
+        rgb = np.array([int(hexcol[i:i + 2], 16) for i in (1, 3, 5)])
+        n = int((np.abs(px - rgb).sum(axis=2) < 60).sum())
+        assert n > 150, f"{hexcol}: {n} pixels (no line?)"
