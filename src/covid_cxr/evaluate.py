@@ -17,7 +17,7 @@ def predict_split(model_dir: Path, paths: Paths, split: str = "test", bs: int = 
     """Run a saved model over one split of the manifest (shared by evaluate and the champion check)."""
     import pandas as pd
     import torch
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     from .datacache import decoded
     from .model_io import load_model

@@ -25,7 +25,7 @@ def load_film(src, size: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray,
 def score_paths(model: LoadedModel, paths: Sequence[Path], bs: int = 32, desc: str = "scoring"
                 ) -> tuple[Predictions | None, list[int], dict[int, ImageError]]:
     """Score files in batches. -> (predictions for the readable files, their indices, errors by index)."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     films, rules, ok, errors = [], [], [], {}
     for i, p in enumerate(tqdm(paths, desc=f"{desc}: decode", unit="file", mininterval=5)):

@@ -127,9 +127,9 @@ def image_dls(cache: np.ndarray, labels: np.ndarray, tr: np.ndarray, va: np.ndar
 def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "features", channels_last=True):
     """Forward the body once: -> ((N, 2*nf) pooled features, (N, S) style vectors), float32."""
     import torch
-    from tqdm.auto import tqdm
 
     from .preprocess import normalize_batch
+    from .progress import tqdm
 
     net.eval()
     feats, style = [], []
@@ -189,6 +189,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     from .datacache import decoded
     from .model_io import Novelty, save_model
     from .models import arch_norm, build
+    from .progress import quiet_fastai_if_not_tty
     from .verdict import fit_min_confidence
 
     paths = paths or Paths()
@@ -230,6 +231,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
             DataLoader(list(zip(f_tr, y_tr)), bs=64, shuffle=True, drop_last=len(f_tr) > 64),
             DataLoader(list(zip(f_va, y_va)), bs=256), device="cpu")
         head_learn = Learner(fdls, net.head, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+        quiet_fastai_if_not_tty(head_learn)
         head_learn.fit_one_cycle(int(cfg["head_epochs"]), float(cfg["head_lr"]))
 
     # ---- Phase 2: partial unfreeze, augmented images, discriminative LRs -------------------
@@ -263,6 +265,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
             cbs = [FrozenInEval()] + ([MixUp(mix)] if mix > 0 else [])
             learn = Learner(dls, net, loss_func=loss_func, metrics=accuracy,
                             splitter=lambda m: m.param_groups(), train_bn=False, cbs=cbs)
+            quiet_fastai_if_not_tty(learn)
             learn.freeze_to(-(k + 1))
             if cfg.get("compile"):
                 learn.model = torch.compile(learn.model)

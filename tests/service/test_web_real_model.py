@@ -1,0 +1,97 @@
+"""The page with the pipeline's own trained model (after README command 1): refer vs label.
+
+Slow: it needs `artifacts/model` from `dvc repro` and `external/` from `dvc pull`
+(`bash .ci/test -m slow`). It fails, rather than skips, when they are missing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import httpx
+import pandas as pd
+import pytest
+
+from svckit import VENV_BIN, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    from conftest import REPO
+
+    model = REPO / "artifacts" / "model"
+    if not (model / "model.json").exists() or not (REPO / "external" / "labels.csv").exists():
+        pytest.fail("needs the trained model and external/: run README command 1 (bash .ci/pipeline) first")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVID_CXR_")}
+    env.update({"BENTOML_DO_NOT_TRACK": "true", "COVID_CXR_PREDICTION_LOG": "off"})
+    proc = subprocess.Popen([str(VENV_BIN / "covid-cxr"), "serve", "--port", str(port), "--model-dir", str(model)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, "the server exited"
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server was not ready within 180 s"
+        time.sleep(0.5)
+    yield url, REPO
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(real_server):
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    url, _ = real_server
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        pg = b.new_page(viewport={"width": 1280, "height": 900})
+        pg.goto(url + "/")
+        yield pg
+        b.close()
+
+
+def _verdict(url, path):
+    return httpx.post(url + "/predict", files={"image": (path.name, path.read_bytes(), "image/png")},
+                      timeout=60).json()
+
+
+def test_unseen_hospital_film_shows_the_refer_message(real_server, page):
+    url, repo = real_server
+    films = sorted((repo / "external" / "unseen_hospital_normal").glob("*.png"))
+    referred = next((f for f in films[:60] if _verdict(url, f)["verdict"] == "refer"), None)
+    assert referred is not None, "the model referred none of the first 60 unseen-hospital films"
+    page.set_input_files("#file", str(referred))
+    page.wait_for_selector("#report:not([hidden])", timeout=60_000)
+    assert page.is_visible("#refer") and page.is_hidden("#label-box")
+    assert "unlike the films the model was trained on" in page.text_content("#refer-msg") \
+        or "not confident" in page.text_content("#refer-msg")
+
+
+def test_normal_test_film_shows_its_label(real_server, page):
+    url, repo = real_server
+    df = pd.read_csv(repo / "artifacts" / "data" / "manifest.csv")
+    normals = [repo / p for p in df[(df["split"] == "test") & (df["label"] == "Normal")]["path"][:20]]
+    answers = {f: _verdict(url, f) for f in normals}
+    assert sum(a["label"] == "Normal" and a["verdict"] == "ok" for a in answers.values()) >= 15  # the model, too
+    ok = next(f for f, a in answers.items() if a["label"] == "Normal" and a["verdict"] == "ok")
+    page.set_input_files("#file", str(ok))
+    page.wait_for_function("document.querySelector('#label').textContent.length > 0", timeout=60_000)
+    assert page.is_hidden("#refer")
+    assert page.text_content("#label") == "Normal"
