@@ -30,6 +30,7 @@ STAGE_MODULES = (
     "evaluate",
     "gate",
     "package",
+    "release",
     "serving",
     "monitor",
 )
