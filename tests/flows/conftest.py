@@ -22,9 +22,11 @@ def fake_project(tmp_path, monkeypatch) -> Project:
     monkeypatch.setenv("PATH", proj.env["PATH"])
     for k in ("COVID_CXR_ROOT", "BENTOML_HOME", "BENTOML_DO_NOT_TRACK"):
         monkeypatch.setenv(k, proj.env[k])
-    from covid_cxr import package
+    from covid_cxr import release
 
     import fake_stages
 
-    monkeypatch.setattr(package, "promote", fake_stages.fake_promote)
+    describe, export_bento = fake_stages.release_fakes(proj.root)
+    monkeypatch.setattr(release, "describe", describe)
+    monkeypatch.setattr(release, "export_bento", export_bento)
     return proj
