@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +54,7 @@ stages:
     cmd: {py} fake_stages.py gate
     deps: [artifacts/eval/metrics.json]
     params: [gate]
-    outs:
+    metrics:
       - artifacts/gate.json:
           cache: false
 """
@@ -64,6 +65,31 @@ LOOSE_GATE = {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_covid_recall": 0.0,
               "champion_tolerance": 0.005}
 STRICT_GATE = {"min_accuracy": 0.999, "min_macro_f1": 0.999, "min_covid_recall": 0.999, "max_ece": 0.001,
                "champion_tolerance": 0.0}
+
+
+# What a 60-image project needs to get through `validate` (the real thresholds assume thousands).
+SMALL_PARAMS = {
+    "validate": {
+        "min_per_class": 5,
+        "class_fraction": {"COVID": [0.0, 1.0], "Normal": [0.0, 1.0], "Viral Pneumonia": [0.0, 1.0]},
+        "split_tolerance": 0.2,
+    },
+}
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20) -> None:
+    """Stop a process started with start_new_session=True, and everything it started."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
 
 
 def sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
