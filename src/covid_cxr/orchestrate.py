@@ -192,20 +192,17 @@ def git_commit_files(root: Path, files: list[Path | str], message: str, log: Log
     """Commit exactly `files` (relative to root or absolute; whatever else is staged stays staged)
     when any of them changed; returns the new commit sha or None."""
     root = Path(root)
-    rels = []
-    for f in files:
-        f = Path(f)
-        rel = (f.resolve().relative_to(root.resolve()) if f.is_absolute() else f).as_posix()
-        tracked = run(["git", "ls-files", "--error-unmatch", rel], root, check=False)[0] == 0
-        if (root / rel).exists() or tracked:
-            rels.append(rel)
-    changed = [r for r in rels if run(["git", "ls-files", "--error-unmatch", r], root, check=False)[0] != 0
-               or run(["git", "diff", "--quiet", "HEAD", "--", r], root, check=False)[0] != 0]
-    if not changed:
+    rels = [(Path(f).resolve().relative_to(root.resolve()) if Path(f).is_absolute() else Path(f)).as_posix()
+            for f in files]
+    rels = [r for r in rels if (root / r).exists()
+            or run(["git", "ls-files", "--error-unmatch", r], root, check=False)[0] == 0]  # a deletion
+    if not rels:
+        return None
+    run(["git", "add", "--", *rels], root, log=log)
+    if run(["git", "diff", "--cached", "--quiet", "--", *rels], root, check=False)[0] == 0:
         if log:
             log(f"{', '.join(rels) or 'nothing'} unchanged: nothing to commit")
         return None
-    run(["git", "add", "--", *rels], root, log=log)
     run(["git", "commit", "-q", "-m", message, "--", *rels], root, log=log)
     _, lines = run(["git", "rev-parse", "HEAD"], root)
     return lines[-1].strip()
