@@ -99,9 +99,9 @@ def git_commit(root: str, message: str) -> str | None:
 
 
 @task(name="rebuild", retries=1, retry_delay_seconds=BUILD_DELAYS, cache_policy=NO_CACHE)
-def rebuild(root: str, timeout_s: float | None) -> bool:
+def rebuild(root: str, timeout_s: float | None) -> None:
     """`dvc repro gate` (only what changed). A retry resumes at the stage that failed."""
-    return orch.rebuild(Path(root), log=_log(), timeout=timeout_s)
+    orch.rebuild(Path(root), log=_log(), timeout=timeout_s)
 
 
 @task(name="gate", retries=0, cache_policy=NO_CACHE)
