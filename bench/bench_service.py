@@ -56,9 +56,11 @@ def pick_target(args) -> tuple[list[str], dict[str, str], Path, str]:
 
     tag = args.bento
     if not tag:
-        prod = Paths().production
-        if prod.is_file():
-            tag = json.loads(prod.read_text())["bento"]
+        from covid_cxr.promotion import production
+
+        prod = production()
+        if prod:
+            tag = prod["bento"]
         elif (Paths().model_dir / "model.json").is_file():
             d = Paths().model_dir.resolve()
             return ["covid_cxr.service:CovidCxr"], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"dir {d}"

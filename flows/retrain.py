@@ -1,17 +1,25 @@
-"""Retraining flow: sync -> ingest -> version -> rebuild -> gate -> package -> promote -> summary.
+"""Retraining flow: inbox -> sync -> ingest -> version -> rebuild -> gate -> package -> promote -> summary.
 
-A thin Prefect 3 shell over `covid_cxr.orchestrate` (which drives `dvc` and `covid-cxr`, the
-same entry points dvc.yaml uses). Run once from the project root:
+A thin Prefect 3 shell over `covid_cxr.orchestrate` / `covid_cxr.inbox` / `covid_cxr.release`
+(which drive `dvc`, `git` and `covid-cxr`, the same entry points dvc.yaml and people use).
+Run once from the project root:
 
-    python flows/retrain.py --incoming ../shared/incoming/batch-001 [--remote PATH] [--commit]
+    python flows/retrain.py --inbox ../shared/incoming [--remote PATH] [--commit]
+    python flows/retrain.py --incoming ../shared/incoming/batch-001      # one batch, whatever the ledger
 
-Schedule it with flows/deploy.py. A failure anywhere ends the run Failed with the step and the
-reason, leaves artifacts/production.json as it was, and still publishes the summary artifact.
+With `inbox`, only batches whose content is not in registry/inbox-ledger.json are processed;
+with none new the run ends Completed "nothing new" without retraining. Schedule it with
+flows/deploy.py or prefect.yaml (work pool). A failure anywhere ends the run Failed with the
+step and the reason (the on-failure hook also publishes them as the `retrain-failure` artifact
+and appends them to logs/retrain-failures.jsonl), leaves registry/production.json as it was, and
+still publishes the summary artifact.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,11 +32,15 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Completed  # noqa: E402
 
+from covid_cxr import inbox as inbox_mod  # noqa: E402
 from covid_cxr import orchestrate as orch  # noqa: E402
-from covid_cxr.config import project_root  # noqa: E402
+from covid_cxr.config import Paths, project_root  # noqa: E402
 
 SUMMARY_KEY = "retrain-summary"
+FAILURE_KEY = "retrain-failure"
+NOTHING_NEW = "nothing new"
 # Declared retry backoff (seconds) per task; `backoff_s` scales all of them (tests use tiny ones).
 NETWORK_DELAYS = [10.0, 30.0, 90.0]  # dvc pull / push: a remote that is briefly unreachable
 LOCAL_DELAYS = [5.0]  # file copies, git
@@ -38,6 +50,25 @@ BUILD_DELAYS = [30.0]  # one retry of a crashed stage; dvc resumes at the stage 
 def _log():
     logger = get_run_logger()
     return logger.info
+
+
+@task(name="scan-inbox", retries=1, retry_delay_seconds=LOCAL_DELAYS, cache_policy=NO_CACHE)
+def scan_inbox(inbox: str, root: str) -> dict[str, Any]:
+    """The inbox's batches, split into new ones and ones the ledger has (by content key)."""
+    return inbox_mod.new_batches(inbox, Paths(Path(root)))
+
+
+@task(name="record-batches", retries=1, retry_delay_seconds=LOCAL_DELAYS, cache_policy=NO_CACHE)
+def record_batches(root: str, batches: list[dict[str, Any]], outcome: str, data_version: str | None,
+                   commit: bool) -> None:
+    """Write the processed batches to registry/inbox-ledger.json (and commit it with `commit`)."""
+    paths = Paths(Path(root))
+    from prefect.runtime import flow_run
+
+    inbox_mod.record(paths, batches, outcome, data_version=data_version, flow_run=str(flow_run.id or ""))
+    if commit:
+        orch.git_commit_files(Path(root), [paths.ledger],
+                              "inbox: processed " + ", ".join(b["name"] for b in batches), log=_log())
 
 
 @task(name="sync", retries=3, retry_delay_seconds=NETWORK_DELAYS, retry_jitter_factor=0.2, cache_policy=NO_CACHE)
@@ -68,9 +99,9 @@ def git_commit(root: str, message: str) -> str | None:
 
 
 @task(name="rebuild", retries=1, retry_delay_seconds=BUILD_DELAYS, cache_policy=NO_CACHE)
-def rebuild(root: str, timeout_s: float | None) -> bool:
+def rebuild(root: str, timeout_s: float | None) -> None:
     """`dvc repro gate` (only what changed). A retry resumes at the stage that failed."""
-    return orch.rebuild(Path(root), log=_log(), timeout=timeout_s)
+    orch.rebuild(Path(root), log=_log(), timeout=timeout_s)
 
 
 @task(name="gate", retries=0, cache_policy=NO_CACHE)
@@ -85,9 +116,10 @@ def package(root: str) -> dict[str, Any]:
 
 
 @task(name="promote", retries=0, cache_policy=NO_CACHE)
-def promote(root: str, bento: str, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Make the Bento the production one (artifacts/production.json) if it beats the champion."""
-    return orch.promote_if_better(Path(root), bento, model, metrics)
+def promote(root: str, bento: str, remote: str | None, commit: bool) -> dict[str, Any]:
+    """`covid-cxr promote`'s code: the Bento goes to production (registry/production.json, its
+    export pushed to the DVC remote, committed with `commit`) only if it beats the champion."""
+    return orch.promote_if_better(Path(root), bento, remote=remote, commit=commit, log=_log())
 
 
 @task(name="summary", retries=1, retry_delay_seconds=[2.0], cache_policy=NO_CACHE)
@@ -106,21 +138,68 @@ def _scaled(t, backoff_s: float | None):
     return t.with_options(retry_delay_seconds=[backoff_s * d / first for d in delays], retry_jitter_factor=None)
 
 
-@flow(name="retrain", log_prints=True)
+def _failure(state) -> tuple[str, str]:
+    """(step, reason) from the final state's message ("retraining failed at step 'X': reason")."""
+    msg = state.message or ""
+    m = re.search(r"failed at step '([^']*)': (.*)", msg, re.S)
+    return (m.group(1), m.group(2)) if m else ("unknown", msg or state.name)
+
+
+def record_failure(flow, flow_run, state) -> None:
+    """on_failure hook: the step and the reason as the `retrain-failure` markdown artifact of the
+    run, and one JSON line in <root>/logs/retrain-failures.jsonl. Never raises."""
+    import datetime as dt
+
+    from prefect.artifacts import MarkdownArtifact
+    from prefect.logging import get_logger
+
+    log = get_logger("covid_cxr.retrain")
+    step, reason = _failure(state)
+    try:
+        root = (flow_run.parameters or {}).get("root")
+        path = (Path(root).expanduser().resolve() if root else project_root()) / "logs" / "retrain-failures.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                "flow_run": str(flow_run.id), "name": flow_run.name, "step": step,
+                                "reason": reason[-2000:]}) + "\n")
+    except Exception as e:  # the hook must not hide the failure it reports
+        log.warning("could not append to the failure log: %s", e)
+    try:
+        md = (f"# Retraining failed at step `{step}`\n\n```\n{reason[-3000:]}\n```\n\n"
+              f"Run `{flow_run.name}` ({flow_run.id}). registry/production.json is unchanged; the batches "
+              "of this run are not in the ledger, so the next run tries them again.\n")
+        MarkdownArtifact(key=FAILURE_KEY, markdown=md, description=f"Retraining failure: {step}",
+                         flow_run_id=flow_run.id).create(_sync=True)
+    except Exception as e:
+        log.warning("could not publish the failure artifact: %s", e)
+
+
+def _resolve(p: str, root: Path) -> Path:
+    q = Path(p).expanduser()
+    return (q if q.is_absolute() else root / q).resolve()
+
+
+@flow(name="retrain", log_prints=True, on_failure=[record_failure])
 def retrain(
     incoming: list[str] | None = None,
+    inbox: str | None = None,
     remote: str | None = None,
     commit: bool = False,
     root: str | None = None,
     backoff_s: float | None = None,
     train_timeout_s: float | None = None,
-) -> dict[str, Any]:
-    """Retrain on the current data plus `incoming` batches; ship the model only if it earns it.
+):
+    """Retrain on the current data plus new batches; ship the model only if it earns it.
 
     Args:
-        incoming: batch folders (`<Class>/*.png`) to check and merge into data/.
+        incoming: batch folders (`<Class>/*.png` or Kaggle layout) to check and merge into data/,
+            whatever the ledger says.
+        inbox: a folder of batch folders; only batches whose content is not in the ledger
+            (registry/inbox-ledger.json) are processed. None new (and no `incoming`): the run
+            ends Completed "nothing new" without retraining. Relative to the project root.
         remote: DVC remote name, path or URL to pull from and push to (default: the configured one).
-        commit: `git commit data.dvc` after versioning the data.
+        commit: `git commit` data.dvc, the ledger and the production record as they change.
         root: project root (default: $COVID_CXR_ROOT or the folder holding params.yaml).
         backoff_s: first retry delay for every task (default: each task's declared backoff).
         train_timeout_s: kill the rebuild (`dvc repro`) after this long.
@@ -129,14 +208,34 @@ def retrain(
     root_p = Path(root).expanduser().resolve() if root else project_root()
     r = str(root_p)
     summary: dict[str, Any] = {"root": r, "step": "start", "error": None, "ingest": []}
+    batches: list[dict[str, Any]] = []
+
+    def settle(outcome: str) -> None:  # the run reached a decision: its batches are processed
+        if batches:
+            _scaled(record_batches, backoff_s)(r, batches, outcome, summary.get("data_version"), commit)
+
     try:
         summary["champion"] = orch.production(root_p)
+        for b in incoming or []:
+            key, n = inbox_mod.batch_key(b)
+            batches.append({"name": Path(b).name, "path": str(Path(b).resolve()), "key": key, "files": n})
+        if inbox:
+            summary["step"] = "inbox"
+            summary["inbox"] = _scaled(scan_inbox, backoff_s)(str(_resolve(inbox, root_p)), r)
+            batches += summary["inbox"]["new"]
+            if not batches:
+                summary.update(step="done", nothing_new=True)
+                msg = (f"{NOTHING_NEW} in {summary['inbox']['path']} "
+                       f"({len(summary['inbox']['seen'])} batch(es) processed before): no retraining")
+                log.info(msg)
+                return Completed(message=msg, data=summary)
+
         summary["step"] = "sync"
         _scaled(sync, backoff_s)(r, remote)
 
-        for batch in incoming or []:
-            summary["step"] = f"ingest {Path(batch).name}"
-            summary["ingest"].append(_scaled(ingest, backoff_s)(batch, r))
+        for b in batches:
+            summary["step"] = f"ingest {b['name']}"
+            summary["ingest"].append(_scaled(ingest, backoff_s)(b["path"], r))
 
         summary["step"] = "version"
         summary["data_version"] = _scaled(dvc_add, backoff_s)(r)
@@ -154,6 +253,7 @@ def retrain(
         summary["metrics"] = orch.eval_metrics(root_p)
         if not decision.get("passed"):
             reasons = "; ".join(decision.get("reasons") or []) or "no reasons given"
+            settle("gate failed")
             raise orch.StepError(f"gate failed, production unchanged: {reasons}")
 
         metrics = decision.get("metrics") or {}
@@ -168,13 +268,15 @@ def retrain(
             summary["bento"], summary["model"] = rec.get("bento"), rec.get("model")
 
             summary["step"] = "promote"
-            res = promote(r, rec["bento"], rec["model"], rec.get("metrics") or metrics)
+            res = promote(r, rec["bento"], remote, commit)
             summary["production_after"] = res["production"]
             summary["promotion"] = {
                 "decision": f"promoted {rec['bento']}" if res["promoted"]
                 else "kept the champion (candidate is not better)",
                 "reasons": res["reasons"],
             }
+        summary["step"] = "record"
+        settle(summary["promotion"]["decision"])
         summary["step"] = "done"
         log.info("retraining finished: %s", summary["promotion"]["decision"])
         return summary
@@ -193,14 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the retraining flow once.")
     ap.add_argument("--incoming", action="append", default=[], metavar="DIR",
                     help="an incoming batch folder (repeatable)")
+    ap.add_argument("--inbox", help="a folder of batch folders: process the new ones (by content)")
     ap.add_argument("--remote", help="DVC remote name, path or URL to pull from / push to")
-    ap.add_argument("--commit", action="store_true", help="git commit data.dvc after versioning")
+    ap.add_argument("--commit", action="store_true", help="git commit data.dvc, the ledger and the production record")
     ap.add_argument("--root", help="project root (default: the folder holding params.yaml)")
     ap.add_argument("--backoff-s", type=float, default=None, help="first retry delay (s) for every task")
     ap.add_argument("--train-timeout-s", type=float, default=None)
     a = ap.parse_args(argv)
     state = retrain(
         incoming=[str(Path(p).resolve()) for p in a.incoming] or None,
+        inbox=str(Path(a.inbox).resolve()) if a.inbox else None,
         remote=orch.normalize_remote(a.remote),
         commit=a.commit,
         root=a.root,

@@ -45,6 +45,7 @@ STAGE_MODULES = (
     "evaluate",
     "gate",
     "package",
+    "release",
     "serving",
     "monitor",
 )

@@ -38,7 +38,10 @@ class Paths:
         self.eval_dir = self.artifacts / "eval"
         self.gate = self.artifacts / "gate.json"
         self.model_card = self.artifacts / "model_card.md"
-        self.production = self.artifacts / "production.json"
+        self.registry = self.root / "registry"          # git-tracked records (promotion.py, inbox.py)
+        self.production = self.registry / "production.json"
+        self.bentos = self.registry / "bentos"          # exported Bentos, tracked by DVC (release.py)
+        self.ledger = self.registry / "inbox-ledger.json"
         self.cache = self.root / ".cache" / "covid_cxr"
 
 

@@ -1,4 +1,11 @@
-"""Stage `gate`: may this model ship? Absolute thresholds + no regression against the champion."""
+"""Stage `gate`: may this model ship? Absolute thresholds + no regression against the champion.
+
+`covid-cxr gate` always writes artifacts/gate.json (a DVC metric: `dvc exp show` lists
+`passed` per experiment) and exits 0 whatever the verdict, so that `dvc repro` / `dvc exp run`
+record a failed gate instead of dying on it; `package` then refuses to build. `--strict` exits 1
+on a failed gate (CI, or a person who wants the non-zero status). The champion comparison is
+promotion.regressions: the same check the promotion rule applies.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +16,7 @@ from typing import Any
 import typer
 
 from .config import Paths, load_params
+from .promotion import KEY_METRICS, champion_tolerance, production, regressions, store_model_path
 
 # (metric, direction, params key): "min" means higher is better.
 THRESHOLDS = (
@@ -18,7 +26,6 @@ THRESHOLDS = (
     ("ece_after", "max", "max_ece"),
     ("flagged", "max", "max_flagged"),   # share of test films referred, for any reason
 )
-KEY_METRICS = ("accuracy", "macro_f1", "covid_recall")
 
 
 def _external_checks(external: dict[str, Any] | None, limits: dict[str, dict[str, float]]
@@ -56,27 +63,25 @@ def decide(metrics: dict[str, Any], gate_params: dict[str, Any],
             reasons.append(f"{name} = {v if v is None else round(v, 4)} is {'below' if direction == 'min' else 'above'} "
                            f"the threshold {t}")
     if champion and champion.get("metrics"):
-        tol = float(gate_params.get("champion_tolerance", 0.0))
-        cm = champion["metrics"]
-        for name in KEY_METRICS:
-            if name not in cm or name not in metrics:
-                continue
-            ok = metrics[name] >= cm[name] - tol
-            checks.append({"check": f"{name} >= champion {cm[name]:.4f} - {tol}", "value": metrics[name], "ok": ok})
-            if not ok:
-                reasons.append(f"{name} = {metrics[name]:.4f} regresses more than {tol} below the champion "
-                               f"({champion.get('bento', 'production')}: {cm[name]:.4f})")
+        tol = champion_tolerance(params={"gate": gate_params})
+        for r in regressions(metrics, champion["metrics"], tol):
+            name, v, c = r["name"], r["value"], r["champion"]
+            checks.append({"check": f"{name} >= champion {c:.4f} - {tol}", "value": v, "ok": r["ok"]})
+            if not r["ok"]:
+                reasons.append(f"{name} = {v:.4f} regresses more than {tol} below the champion "
+                               f"({champion.get('bento', 'production')}: {c:.4f})")
     return {"passed": not reasons, "reasons": reasons, "checks": checks}
 
 
 def champion_on_split(paths: Paths, n_bins: int) -> dict[str, Any] | None:
     """Re-score the production model on *this* test split (so both models see the same images)."""
-    if not paths.production.exists():
+    prod = production(paths)
+    if prod is None:
         return None
-    prod = json.loads(paths.production.read_text())
-    model_path = Path(prod.get("model_path", ""))
-    if not (model_path / "model.json").exists():
-        typer.secho(f"! champion {prod.get('bento')} weights not found at {model_path}; using its recorded metrics",
+    model_path = store_model_path(prod.get("model"))
+    if model_path is None or not (model_path / "model.json").exists():
+        typer.secho(f"! champion {prod.get('bento')}: model {prod.get('model')} is not in the local BentoML "
+                    "store (`covid-cxr pull-production` brings it); using its recorded metrics",
                     fg=typer.colors.YELLOW)
         return {"bento": prod.get("bento"), "metrics": prod.get("metrics", {}), "rescored": False}
     from .evaluate import predict_split, score
@@ -110,14 +115,18 @@ def gate(paths: Paths | None = None, params: dict[str, Any] | None = None) -> di
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
     @app.command("gate")
-    def gate_cmd() -> None:
-        """Decide whether artifacts/model may ship; writes artifacts/gate.json, exits 1 on failure."""
+    def gate_cmd(
+        strict: bool = typer.Option(False, "--strict", help="Exit 1 when the gate fails (default: exit 0, "
+                                    "the verdict is in artifacts/gate.json)."),
+    ) -> None:
+        """Decide whether artifacts/model may ship; writes artifacts/gate.json (a DVC metric)."""
         r = gate()
         for c in r["checks"]:
             typer.echo(f"  {'✔' if c['ok'] else '✘'} {c['check']}  (value {c['value']})")
         if r["passed"]:
             typer.secho("✔ gate PASSED", fg=typer.colors.GREEN)
-        else:
-            typer.secho("✘ gate FAILED — nothing downstream will be built:\n  - " + "\n  - ".join(r["reasons"]),
-                        fg=typer.colors.RED, err=True)
+            return
+        typer.secho("✘ gate FAILED — `covid-cxr package` will refuse this model:\n  - " + "\n  - ".join(r["reasons"]),
+                    fg=typer.colors.RED, err=True)
+        if strict:
             raise typer.Exit(1)

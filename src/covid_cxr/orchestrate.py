@@ -1,8 +1,8 @@
 """Package-side helpers for the retraining flow (flows/retrain.py).
 
-The flow is a thin Prefect shell; everything it does is here, over the same
-entry points dvc.yaml uses (`dvc`, `covid-cxr ...`) plus the in-process
-`imagecheck` / `dataimport` / `package` functions. No Prefect import here:
+The flow is a thin Prefect shell; everything it does is here (and in inbox.py, release.py,
+runsummary.py), over the same entry points dvc.yaml uses (`dvc`, `covid-cxr ...`) plus the
+in-process `imagecheck` / `dataimport` / `release` functions. No Prefect import here:
 these helpers run (and are tested) without a Prefect server.
 """
 from __future__ import annotations
@@ -15,20 +15,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .config import Paths
+from .promotion import KEY_METRICS
 
-# Metrics shown side by side with the champion's, in this order.
-KEY_METRICS = (
-    "accuracy",
-    "macro_f1",
-    "covid_recall",
-    "covid_specificity",
-    "ece_after",
-    "ood_false_flag_rate",
-    "n_test",
-)
 QUARANTINE = "quarantine"
 FLOW_REMOTE = "retrain-flow"  # name given to a `--remote PATH` that is not a configured remote
 Log = Callable[[str], None]
@@ -197,18 +188,29 @@ def dvc_push(root: Path, remote: str | None = None, log: Log | None = None) -> N
     run(["dvc", "push", *(["-r", name] if name else []), "data.dvc"], root, log=log)
 
 
-def git_commit_data(root: Path, message: str, log: Log | None = None) -> str | None:
-    """Commit data.dvc (only that file) when it changed; returns the new commit sha or None."""
-    rc, _ = run(["git", "diff", "--quiet", "HEAD", "--", "data.dvc"], root, check=False)
-    rc_tracked, _ = run(["git", "ls-files", "--error-unmatch", "data.dvc"], root, check=False)
-    if rc == 0 and rc_tracked == 0:
-        if log:
-            log("data.dvc unchanged: nothing to commit")
+def git_commit_files(root: Path, files: list[Path | str], message: str, log: Log | None = None) -> str | None:
+    """Commit exactly `files` (relative to root or absolute; whatever else is staged stays staged)
+    when any of them changed; returns the new commit sha or None."""
+    root = Path(root)
+    rels = [(Path(f).resolve().relative_to(root.resolve()) if Path(f).is_absolute() else Path(f)).as_posix()
+            for f in files]
+    rels = [r for r in rels if (root / r).exists()
+            or run(["git", "ls-files", "--error-unmatch", r], root, check=False)[0] == 0]  # a deletion
+    if not rels:
         return None
-    run(["git", "add", "data.dvc"], root, log=log)
-    run(["git", "commit", "-m", message, "--", "data.dvc"], root, log=log)
+    run(["git", "add", "--", *rels], root, log=log)
+    if run(["git", "diff", "--cached", "--quiet", "--", *rels], root, check=False)[0] == 0:
+        if log:
+            log(f"{', '.join(rels) or 'nothing'} unchanged: nothing to commit")
+        return None
+    run(["git", "commit", "-q", "-m", message, "--", *rels], root, log=log)
     _, lines = run(["git", "rev-parse", "HEAD"], root)
     return lines[-1].strip()
+
+
+def git_commit_data(root: Path, message: str, log: Log | None = None) -> str | None:
+    """Commit data.dvc (only that file) when it changed; returns the new commit sha or None."""
+    return git_commit_files(root, ["data.dvc"], message, log)
 
 
 def dvc_repro(root: Path, target: str, log: Log | None = None, timeout: float | None = None) -> list[str]:
@@ -217,23 +219,11 @@ def dvc_repro(root: Path, target: str, log: Log | None = None, timeout: float | 
     return lines
 
 
-def rebuild(root: Path, log: Log | None = None, timeout: float | None = None) -> bool:
-    """`dvc repro gate`: prepare, validate, train, evaluate, gate; only what changed (dvc.lock
-    records what ran). Returns True when the chain ran to the end, False when the only failure is
-    the gate's own verdict: `covid-cxr gate` exits non-zero on a failed gate, which is a decision
-    for the gate step, not a build error. Anything else raises.
-    """
-    paths = Paths(root)
-    before = paths.gate.stat().st_mtime_ns if paths.gate.exists() else None
-    try:
-        dvc_repro(root, "gate", log=log, timeout=timeout)
-    except CommandFailed:
-        fresh = paths.gate.exists() and paths.gate.stat().st_mtime_ns != before
-        gate = _read_json(paths.gate) if fresh else None
-        if gate is None or gate.get("passed") is not False:
-            raise
-        return False
-    return True
+def rebuild(root: Path, log: Log | None = None, timeout: float | None = None) -> None:
+    """`dvc repro gate`: prepare, validate, train, external, evaluate, gate; only what changed
+    (dvc.lock records what ran). `covid-cxr gate` exits 0 whatever its verdict (the verdict is
+    gate.json, read by the gate step), so any failure here is a build error and raises."""
+    dvc_repro(root, "gate", log=log, timeout=timeout)
 
 
 def read_gate(root: Path) -> dict[str, Any]:
@@ -351,17 +341,10 @@ def ingest_batch(batch_dir: str | Path, root: Path | str, log: Log | None = None
 # package / promote
 # ---------------------------------------------------------------------------------------------
 def production(root: Path | str) -> dict[str, Any] | None:
-    """The production record (artifacts/production.json), or None."""
-    from . import package
+    """The entry in production (registry/production.json), or None."""
+    from . import promotion
 
-    return package.production(Paths(root))
-
-
-def champion_metrics(champion: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not champion:
-        return None
-    m = champion.get("metrics", champion)
-    return m if isinstance(m, dict) else None
+    return promotion.production(Paths(root))
 
 
 def _sha256(path: Path) -> str | None:
@@ -375,16 +358,18 @@ def _sha256(path: Path) -> str | None:
 
 def same_as_champion(root: Path | str, metrics: dict[str, Any], champion: dict[str, Any] | None) -> bool:
     """Is the candidate the model already in production (an unchanged pipeline)? Then there is
-    nothing to package or promote. Decided on the weights when production's model files are at
-    hand (`model_path`), else on identical key test metrics."""
+    nothing to package or promote. Decided on the weights when production's model is in the
+    local store (or at a recorded `model_path`), else on identical key test metrics."""
     if not champion:
         return False
+    from .promotion import store_model_path
+
     weights = Paths(root).model_dir / "model.safetensors"
-    prod_path = champion.get("model_path")
+    prod_path = champion.get("model_path") or store_model_path(champion.get("model"))
     if prod_path and (Path(prod_path) / "model.safetensors").is_file():
         a, b = _sha256(weights), _sha256(Path(prod_path) / "model.safetensors")
         return a is not None and a == b
-    cm = champion_metrics(champion)
+    cm = champion.get("metrics")
     if not cm or not metrics:
         return False
     keys = [k for k in KEY_METRICS if k in metrics and k in cm]
@@ -392,123 +377,36 @@ def same_as_champion(root: Path | str, metrics: dict[str, Any], champion: dict[s
 
 
 def package_bento(root: Path, log: Log | None = None, timeout: float | None = None) -> dict[str, Any]:
-    """`covid-cxr package --no-promote`; returns the record it wrote (artifacts/bento.json)."""
+    """`covid-cxr package` (builds and registers; never promotes); returns artifacts/bento.json."""
     bento_json = Paths(root).artifacts / "bento.json"
     before = bento_json.stat().st_mtime_ns if bento_json.exists() else None
-    run(["covid-cxr", "package", "--no-promote"], root, log=log, timeout=timeout)
+    run(["covid-cxr", "package"], root, log=log, timeout=timeout)
     rec = _read_json(bento_json)
     if rec is None or not rec.get("bento") or bento_json.stat().st_mtime_ns == before:
-        raise StepError(f"`covid-cxr package --no-promote` did not write a Bento record to {bento_json}")
+        raise StepError(f"`covid-cxr package` did not write a Bento record to {bento_json}")
     return rec
 
 
-def promote_if_better(root: Path | str, bento: str, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The package module's promotion rule, as `covid-cxr package` applies it: `is_better`
-    against the champion as the gate re-scored it on this test split (else production.json's
-    record), with params.yaml's `gate.champion_tolerance`; `package.promote` (re-checks the
-    model passed the gate, writes production.json atomically) only when it wins.
-
-    Returns {"promoted": bool, "reasons": [...], "production": record now in production}.
-    """
-    from . import package
+def promote_if_better(root: Path | str, bento: str, *, remote: str | None = None, commit: bool = False,
+                      log: Log | None = None) -> dict[str, Any]:
+    """`covid-cxr promote`'s code (release.promote): the gate label, the champion rule
+    (promotion.decide), then export + dvc push of the Bento, the record, and (with `commit`)
+    its git commit. Returns {"promoted", "reasons", "production"}."""
+    from . import release
 
     paths = Paths(root)
-    champ = package.production(paths)
-    promoted, reasons = package.maybe_promote(
-        paths, bento, model, metrics, champion_metrics=package.gate_champion_metrics(paths, champ)
-    )
-    now = package.production(paths)
-    if promoted and (not now or now.get("bento") != bento):
+    champ = production(root)
+    try:
+        r = release.promote(paths, bento, remote=remote, commit=commit, log=log)
+    except release.PromotionError as e:
+        raise StepError(str(e)) from None
+    now = production(root)
+    if r["promoted"] and (not now or now.get("bento") != bento):
         raise StepError(f"promoting {bento} did not update {paths.production}")
-    if not promoted and now != champ:
+    if not r["promoted"] and now != champ:
         raise StepError(f"{paths.production} changed although {bento} was not promoted")
-    return {"promoted": bool(promoted), "reasons": [str(r) for r in reasons], "production": now}
+    return {"promoted": bool(r["promoted"]), "reasons": [str(x) for x in r["reasons"]], "production": now}
 
 
-# ---------------------------------------------------------------------------------------------
-# summary
-# ---------------------------------------------------------------------------------------------
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def summary_markdown(s: dict[str, Any]) -> str:
-    """The run summary (a Prefect markdown artifact): data in, metrics vs champion, decisions."""
-    ok = s.get("error") is None
-    out = [f"# Retraining run: {'succeeded' if ok else 'FAILED'}", ""]
-    if not ok:
-        out += [f"**Failed at step `{s.get('step')}`:**", "", "```", str(s["error"])[-3000:], "```", ""]
-    out += [f"- project: `{s.get('root')}`"]
-    if s.get("data_version"):
-        out.append(f"- data version (data.dvc md5): `{s['data_version']}`")
-    if s.get("commit"):
-        out.append(f"- git commit of data.dvc: `{s['commit']}`")
-    out.append("")
-
-    out += ["## Incoming data", ""]
-    batches: Iterable[dict[str, Any]] = s.get("ingest") or []
-    if not batches:
-        out += ["No incoming batch in this run.", ""]
-    else:
-        out += ["| batch | checked | added | already present | rejected | quarantine |", "|---|---:|---:|---:|---:|---|"]
-        reasons: collections.Counter[str] = collections.Counter()
-        for b in batches:
-            reasons.update(b.get("rejected_by_reason") or {})
-            out.append(
-                f"| {b['batch']} | {b['checked']} | {b['added']} | {b['skipped_identical']} | {b['rejected']} "
-                f"| {('`' + b['quarantine'] + '`') if b.get('quarantine') else '–'} |"
-            )
-        out.append("")
-        renamed = sum(b.get("renamed_on_clash", 0) for b in batches)
-        if renamed:
-            out += [f"{renamed} added file(s) clashed with a different file of the same name and were kept "
-                    "under a new name.", ""]
-        if reasons:
-            try:
-                from .imagecheck import REASONS
-            except Exception:  # pragma: no cover - the summary must not fail on an import
-                REASONS = {}
-            out += ["Rejected (quarantined), by reason:", "", "| reason | meaning | files |", "|---|---|---:|"]
-            out += [f"| {k} | {REASONS.get(k, '')} | {v} |" for k, v in sorted(reasons.items())]
-            out.append("")
-
-    gate = s.get("gate")
-    out += ["## Test metrics vs champion", ""]
-    if gate:
-        m = {**(s.get("metrics") or {}), **(gate.get("metrics") or {})}
-        cm = champion_metrics(gate.get("champion") if gate.get("champion") is not None else s.get("champion")) or {}
-        keys = [k for k in KEY_METRICS if k in m or k in cm] or sorted(m)
-        out += ["| metric | candidate | champion |", "|---|---:|---:|"]
-        out += [f"| {k} | {_fmt(m.get(k))} | {_fmt(cm.get(k))} |" for k in keys]
-        gc = gate.get("champion")
-        if cm:
-            how = ("re-scored on this run's test split" if isinstance(gc, dict) and gc.get("rescored")
-                   else "as recorded when it was promoted")
-            out += ["", f"Champion `{(gc or s.get('champion') or {}).get('bento')}`: {how}."]
-        out += ["", f"## Gate: {'PASSED' if gate.get('passed') else 'FAILED'}", ""]
-        out += [f"- {r}" for r in gate.get("reasons") or []] or ["- (no reasons given)"]
-        out.append("")
-    else:
-        out += ["Not reached.", ""]
-
-    out += ["## Bento and promotion", ""]
-    if s.get("bento"):
-        out.append(f"- Bento: `{s['bento']}`" + (f" (model `{s['model']}`)" if s.get("model") else ""))
-    promo = s.get("promotion")
-    if promo:
-        out.append(f"- decision: **{promo['decision']}**")
-        out += [f"  - {r}" for r in promo.get("reasons") or []]
-    else:
-        out.append("- not reached")
-    champ = s.get("champion")
-    out.append(f"- production before this run: `{champ.get('bento')}`" if champ else "- production before this run: none")
-    if s.get("production_after") and s["production_after"] != champ:
-        out.append(f"- production now: `{s['production_after'].get('bento')}`")
-    elif champ:
-        out.append("- production.json unchanged")
-    out.append("")
-    return "\n".join(out)
+# the run summary lives in runsummary.py; re-exported for the flow and its tests
+from .runsummary import SUMMARY_METRICS, summary_markdown  # noqa: E402,F401

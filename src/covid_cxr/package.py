@@ -1,23 +1,15 @@
-"""Packaging and promotion: the last pipeline step (dvc stage `package`).
+"""Packaging: the last pipeline step (dvc stage `package`). It builds and registers; it never
+promotes (promotion is a decision: `covid-cxr promote`, release.py + promotion.py).
 
-    covid-cxr package [--promote/--no-promote]   gate check -> model store -> bentoml build -> bento.json
-    covid-cxr promote BENTO_TAG [--force]        make a built Bento the production one
+    covid-cxr package [--if-passed]     gate check -> model store -> bentoml build -> bento.json
 
-Packaging refuses (exit 1, nothing changed) unless artifacts/gate.json says `passed: true`.
+Packaging refuses (exit 1, nothing built) unless artifacts/gate.json says `passed: true`; with
+`--if-passed` (dvc.yaml) it records the refusal in artifacts/bento.json (`packaged: false`, the
+reasons) and exits 0, so `dvc repro` / `dvc exp run` complete and keep the failed gate's metrics.
 It saves artifacts/model/ (plus the evaluation metrics, the gate decision and the model card)
 into the BentoML model store as `covid_cxr:<version>`, labelled with data md5, git sha,
 params hash and gate result; builds a Bento from bentofile.yaml that pins exactly that model
 version; and writes artifacts/bento.json. `BENTOML_HOME` chooses the store.
-
-Promotion rule (`is_better`), on the key test metrics accuracy, macro_f1 and covid_recall:
-a candidate replaces the champion in artifacts/production.json only if
-  1. it passed the gate (checked again at promotion, from the model's store labels), and
-  2. none of the key metrics is more than `gate.champion_tolerance` (params.yaml, 0.005)
-     below the champion's, and
-  3. the key metrics improve in total (sum of the differences > 0): a tie keeps the champion.
-With nothing in production, a gate-passing candidate is promoted. `covid-cxr package` compares
-against the champion as the gate re-scored it on the candidate's test split (gate.json
-`champion`, when it names the Bento in production), else against production.json's record.
 """
 from __future__ import annotations
 
@@ -27,22 +19,21 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from .config import Paths, load_params
+from .promotion import KEY_METRICS
+from .promotion import now as _now
 
 MODEL_NAME = "covid_cxr"
-KEY_METRICS = ("accuracy", "macro_f1", "covid_recall")
-DEFAULT_TOLERANCE = 0.005
 MODEL_FILES = ("model.safetensors", "model.json", "ood.safetensors")
 
 
 class PackagingError(RuntimeError):
-    """Packaging or promotion refused; the message says why. Nothing was changed."""
+    """Packaging refused; the message says why. Nothing was built."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,10 +53,6 @@ def _write_json_atomic(p: Path, obj: Any) -> None:
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, p)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _clean(obj: Any) -> Any:
@@ -95,14 +82,6 @@ def params_hash(meta: dict[str, Any], root: Path) -> str:
     except OSError:
         params = {}
     return _hash(params)
-
-
-def _tolerance(paths: Paths) -> float:
-    try:
-        return float(load_params(paths.root / "params.yaml").get("gate", {}).get("champion_tolerance",
-                                                                                  DEFAULT_TOLERANCE))
-    except (OSError, TypeError, ValueError, AttributeError):
-        return DEFAULT_TOLERANCE
 
 
 def _env() -> dict[str, str]:
@@ -250,6 +229,7 @@ def package_model(paths: Paths | None = None) -> dict[str, Any]:
         "git_sha": lab.get("git_sha", "unknown"), "params_hash": lab.get("params_hash", "unknown"),
     })
     rec = {
+        "packaged": True,
         "bento": bento_tag,
         "model": model_tag,
         "model_path": str(stored.path),
@@ -265,127 +245,17 @@ def package_model(paths: Paths | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# promotion
-# ---------------------------------------------------------------------------------------------
-def is_better(new_metrics: dict[str, Any] | None, champion_metrics: dict[str, Any] | None,
-              tolerance: float = DEFAULT_TOLERANCE) -> tuple[bool, list[str]]:
-    """Should the candidate replace the champion? See the module docstring for the rule."""
-    new = new_metrics or {}
-    missing = [k for k in KEY_METRICS if not isinstance(new.get(k), (int, float))]
-    if missing:
-        return False, [f"candidate metrics lack {', '.join(missing)}"]
-    if not champion_metrics:
-        return True, ["nothing in production yet"]
-    champ = champion_metrics
-    if any(not isinstance(champ.get(k), (int, float)) for k in KEY_METRICS):
-        return True, ["the champion has no comparable key metrics"]
-    reasons, worse = [], False
-    total = 0.0
-    for k in KEY_METRICS:
-        d = float(new[k]) - float(champ[k])
-        total += d
-        verdict = "better" if d > 0 else "equal" if d == 0 else "worse"
-        if d < -tolerance:
-            worse = True
-            verdict = f"worse by more than the {tolerance:g} tolerance"
-        reasons.append(f"{k}: {float(new[k]):.4f} vs champion {float(champ[k]):.4f} ({verdict})")
-    if worse:
-        return False, reasons + ["a key metric dropped too far: the champion stays"]
-    if total <= 0:
-        return False, reasons + [f"no net improvement (sum of differences {total:+.4f}): the champion stays"]
-    return True, reasons + [f"net improvement {total:+.4f} on the key metrics"]
-
-
-def production(paths: Paths | None = None) -> dict[str, Any] | None:
-    """The production record (artifacts/production.json), or None when nothing is in production."""
-    paths = paths or Paths()
-    rec = _read_json(paths.production)
-    return rec if isinstance(rec, dict) and rec.get("bento") else None
-
-
-def _model_of_bento(bento_tag: str) -> str:
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:
-        b = bentoml.get(bento_tag)
-    except NotFound:
-        raise PackagingError(f"Bento {bento_tag} is not in the store "
-                             f"({os.environ.get('BENTOML_HOME', '~/bentoml')})") from None
-    models = [m for m in b.info.all_models if m.tag.name == MODEL_NAME] or list(b.info.all_models)
-    if not models:
-        raise PackagingError(f"Bento {bento_tag} carries no model")
-    return str(models[0].tag)
-
-
-def promote(paths: Paths | None, bento_tag: str, model_tag: str, metrics: dict[str, Any]) -> None:
-    """Record `bento_tag` as production. Refuses a model that did not pass the gate.
-
-    This does not compare with the champion: callers decide with `is_better` first
-    (the `covid-cxr package` and `covid-cxr promote` commands do).
-    """
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    paths = paths or Paths()
-    try:
-        bm = bentoml.models.get(model_tag)
-    except NotFound:
-        raise PackagingError(f"model {model_tag} is not in the model store") from None
-    if bm.info.labels.get("gate") != "passed":
-        raise PackagingError(f"model {model_tag} did not pass the evaluation gate; it cannot go to production")
-    current = production(paths)
-    if current and current.get("bento") == bento_tag:
-        return
-    history = []
-    if current:
-        history = [{k: current.get(k) for k in ("bento", "model", "promoted_at")}] + list(current.get("history") or [])
-    rec = {
-        "bento": bento_tag,
-        "model": str(bm.tag),
-        "model_path": str(bm.path),
-        "metrics": metrics,
-        "promoted_at": _now(),
-        "history": history[:20],
-    }
-    _write_json_atomic(paths.production, rec)
-
-
-def gate_champion_metrics(paths: Paths, champion: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The champion's metrics as the gate re-scored them on the candidate's own test split, when
-    gate.json names the Bento now in production; else None (use production.json's record)."""
-    try:
-        gate = _read_json(paths.gate) or {}
-    except PackagingError:
-        return None
-    gc = gate.get("champion") if isinstance(gate, dict) else None
-    if champion and isinstance(gc, dict) and gc.get("bento") == champion.get("bento") and gc.get("metrics"):
-        return gc["metrics"]
-    return None
-
-
-def maybe_promote(paths: Paths, bento_tag: str, model_tag: str, metrics: dict[str, Any],
-                  force: bool = False, champion_metrics: dict[str, Any] | None = None) -> tuple[bool, list[str]]:
-    """is_better against the champion, then promote. Returns (promoted, reasons).
-
-    `champion_metrics` (e.g. the gate's re-scoring on the same split) overrides the metrics
-    recorded in production.json."""
-    champ = production(paths)
-    if champ and champ.get("bento") == bento_tag:
-        return False, [f"{bento_tag} is already in production"]
-    cm = champion_metrics if (champ and champion_metrics) else (champ or {}).get("metrics")
-    better, reasons = is_better(metrics, cm, _tolerance(paths))
-    if not better and force:
-        reasons = reasons + ["--force: promoted anyway (the gate still applies)"]
-    if better or force:
-        promote(paths, bento_tag, model_tag, metrics)
-        return True, reasons
-    return False, reasons
-
-
-# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+def refusal(paths: Paths, err: PackagingError) -> dict[str, Any]:
+    """artifacts/bento.json when the gate refused the model: no Bento, the reasons."""
+    gate = _read_json(paths.gate)
+    rec = {"packaged": False, "bento": None, "model": None, "reason": str(err),
+           "gate": {"passed": False, "reasons": list((gate or {}).get("reasons") or [])}, "built_at": _now()}
+    _write_json_atomic(paths.artifacts / "bento.json", rec)
+    return rec
+
+
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -394,55 +264,26 @@ def _fail(msg: str) -> None:
 def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001 - data_app unused
     @app.command("package")
     def package_cmd(
-        do_promote: bool = typer.Option(True, "--promote/--no-promote",
-                                        help="Promote the new Bento if it beats production."),
+        if_passed: bool = typer.Option(
+            False, "--if-passed",
+            help="On a failed gate, record the refusal in artifacts/bento.json and exit 0 (the dvc stage "
+                 "uses this, so that `dvc exp run` keeps an experiment whose gate failed)."),
     ) -> None:
-        """Package the gated model as a Bento (artifacts/bento.json), then maybe promote it."""
+        """Build the gated model into a Bento and register it (artifacts/bento.json). Never promotes:
+        that is `covid-cxr promote`."""
         paths = Paths()
         try:
             rec = package_model(paths)
         except PackagingError as e:
+            try:
+                gate_failed = (_read_json(paths.gate) or {}).get("passed") is False
+            except PackagingError:
+                gate_failed = False
+            if if_passed and gate_failed:
+                refusal(paths, e)
+                typer.secho(f"not packaged: {e}. Recorded in artifacts/bento.json; production unchanged.",
+                            fg=typer.colors.RED, err=True)
+                return
             _fail(f"{e}. Nothing was packaged.")
         typer.echo(f"model {rec['model']}  ->  bento {rec['bento']}  (artifacts/bento.json)")
-        if not do_promote:
-            return
-        try:
-            champ = production(paths)
-            promoted, reasons = maybe_promote(paths, rec["bento"], rec["model"], rec["metrics"],
-                                              champion_metrics=gate_champion_metrics(paths, champ))
-        except PackagingError as e:
-            _fail(str(e))
-        for r in reasons:
-            typer.echo(f"  {r}")
-        typer.echo(f"promoted {rec['bento']} to production" if promoted
-                   else f"production unchanged: {(production(paths) or {}).get('bento')}")
-
-    @app.command("promote")
-    def promote_cmd(
-        bento_tag: str = typer.Argument(..., help="Bento tag, e.g. covid_cxr:abc123"),
-        force: bool = typer.Option(False, "--force", help="Skip the champion comparison (never the gate)."),
-    ) -> None:
-        """Put a built Bento into production (artifacts/production.json), if it beats the champion."""
-        import bentoml
-
-        paths = Paths()
-        try:
-            model_tag = _model_of_bento(bento_tag)
-            bm = bentoml.models.get(model_tag)
-            metrics = dict(bm.info.metadata.get("metrics") or {})
-            stored = Path(bm.path) / "metrics.json"
-            if stored.is_file():
-                metrics = json.loads(stored.read_text())
-            bento_tag = str(bentoml.get(bento_tag).tag)
-            promoted, reasons = maybe_promote(paths, bento_tag, model_tag, metrics, force=force)
-        except PackagingError as e:
-            _fail(str(e))
-        for r in reasons:
-            typer.echo(f"  {r}")
-        if promoted:
-            typer.echo(f"promoted {bento_tag} to production")
-        elif (production(paths) or {}).get("bento") == bento_tag:
-            typer.echo(f"{bento_tag} is already in production")
-        else:
-            typer.echo(f"not promoted: production stays {(production(paths) or {}).get('bento')}")
-            raise typer.Exit(2)
+        typer.echo(f"production unchanged; to put it there: covid-cxr promote {rec['bento']}")

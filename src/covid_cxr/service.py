@@ -2,7 +2,7 @@
 
     bentoml serve covid_cxr.service:CovidCxr          # dev, model from the store or COVID_CXR_MODEL_DIR
     bentoml serve covid_cxr:<version>                 # a built Bento
-    covid-cxr serve                                   # the Bento in production (artifacts/production.json)
+    covid-cxr serve                                   # the Bento in production (registry/production.json)
 
 Which model
     COVID_CXR_MODEL_DIR  a model directory (model.json + model.safetensors), for local dev;

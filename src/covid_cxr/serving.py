@@ -1,4 +1,4 @@
-"""`covid-cxr serve`: run the production Bento (artifacts/production.json) with `bentoml serve`.
+"""`covid-cxr serve`: run the production Bento (registry/production.json) with `bentoml serve`.
 
     covid-cxr serve                          # production Bento on http://127.0.0.1:3000
     covid-cxr serve --host 0.0.0.0 --port 8080
@@ -34,15 +34,15 @@ def serve_command(host: str, port: int, model_dir: Path | None = None, paths: Pa
         env["COVID_CXR_MODEL_DIR"] = str(model_dir)
         return base + ["covid_cxr.service:CovidCxr"] + opts, env
 
-    from .package import PackagingError, production
+    from .promotion import PromotionError, production
 
     try:
         rec = production(paths)
-    except PackagingError as e:
+    except PromotionError as e:
         _fail(str(e))
     if rec is None:
-        _fail(f"nothing is in production yet ({paths.production} is missing). Run the pipeline "
-              "(`dvc repro`) or `covid-cxr package` to build and promote a Bento; or serve a model "
+        _fail(f"nothing is in production yet ({paths.production} names no Bento). Build one "
+              "(`dvc repro`) and promote it (`covid-cxr promote`); or serve a model "
               "directory for development: `covid-cxr serve --model-dir artifacts/model`.")
     import bentoml
     from bentoml.exceptions import NotFound
@@ -51,7 +51,8 @@ def serve_command(host: str, port: int, model_dir: Path | None = None, paths: Pa
         bentoml.get(rec["bento"])
     except NotFound:
         _fail(f"production names Bento {rec['bento']}, but it is not in the BentoML store "
-              f"({os.environ.get('BENTOML_HOME', '~/bentoml')}); check BENTOML_HOME or re-run `covid-cxr package`")
+              f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): fetch it with `covid-cxr pull-production` "
+              "(or check BENTOML_HOME)")
     env.pop("COVID_CXR_MODEL_DIR", None)
     env.pop("COVID_CXR_MODEL", None)
     return base + [rec["bento"]] + opts, env

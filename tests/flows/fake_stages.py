@@ -3,10 +3,12 @@
 The tests run REAL dvc and a REAL Prefect server over a temp project whose dvc.yaml calls
 this script instead of `covid-cxr <stage>`, so that a "training" takes milliseconds (or waits
 to be killed) and the metrics the gate sees are set in params.yaml (`fake.metrics`).
-Also acts as `covid-cxr package --no-promote`, and `fake_promote` replaces package.promote.
+Also acts as `covid-cxr package`, and `release_fakes` stand in for the two release.py
+functions that need a BentoML store (`describe`, `export_bento`): the promotion rule, the
+production record, `dvc add` / `dvc push` of the "export" and the git commit stay real.
 
     python fake_stages.py prepare|validate|train|evaluate|gate
-    python fake_stages.py --cli package --no-promote   (as `covid-cxr`, via a wrapper on PATH)
+    python fake_stages.py --cli package               (as `covid-cxr`, via a wrapper on PATH)
 """
 from __future__ import annotations
 
@@ -76,11 +78,13 @@ def evaluate() -> None:
 
 
 def _champion():
-    p = ART / "production.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    p = ROOT / "registry" / "production.json"
+    rec = json.loads(p.read_text()) if p.exists() else None
+    return rec if rec and rec.get("bento") else None
 
 
 def gate() -> int:
+    """Like `covid-cxr gate`: gate.json holds the verdict, the exit status is 0 either way."""
     g = params()["gate"]
     m = json.loads((ART / "eval" / "metrics.json").read_text())
     reasons, ok = [], True
@@ -97,12 +101,12 @@ def gate() -> int:
             reasons.append(f"{key} vs champion {champ['metrics'][key]:.4f}: {'ok' if good else 'FAIL'}")
     write(ART / "gate.json", {"passed": ok, "reasons": reasons, "metrics": m,
                               "champion": {"bento": champ["bento"], "metrics": champ["metrics"]} if champ else None})
-    return 0 if ok else 1
+    return 0
 
 
 def cli(argv: list[str]) -> int:
-    """The fake `covid-cxr package --no-promote`: a "Bento" record, no BentoML build."""
-    if argv[:2] == ["package", "--no-promote"]:
+    """The fake `covid-cxr package`: a "Bento" record, no BentoML build."""
+    if argv[:1] == ["package"]:
         g = json.loads((ART / "gate.json").read_text())
         if not g["passed"]:
             print("gate did not pass", file=sys.stderr)
@@ -117,10 +121,33 @@ def cli(argv: list[str]) -> int:
     return 2
 
 
-def fake_promote(paths, bento_tag: str, model_tag: str, metrics: dict) -> None:
-    """Stands in for package.promote (which needs the model in a BentoML store)."""
-    write(Path(paths.production), {"bento": bento_tag, "model": model_tag, "model_path": "",
-                                   "metrics": metrics, "promoted_at": dt.datetime.now().isoformat()})
+def release_fakes(root: Path):
+    """(describe, export_bento) for covid_cxr.release, answering from the project's fake Bento
+    record (artifacts/bento.json) instead of a BentoML store."""
+    root = Path(root)
+
+    def describe(bento_tag: str) -> dict:
+        from covid_cxr.release import PromotionError
+
+        rec = json.loads((root / "artifacts" / "bento.json").read_text())
+        if rec.get("bento") != bento_tag:
+            raise PromotionError(f"Bento {bento_tag} is not in the store (fake)")
+        return {"bento": bento_tag, "model": rec["model"], "gate": "passed", "metrics": rec["metrics"],
+                "data_md5": None, "git_sha": None, "params_hash": None}
+
+    def export_bento(bento_tag: str, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(f"fake export of {bento_tag}\n")
+        return dest
+
+    return describe, export_bento
+
+
+def install_release_fakes(root: Path) -> None:
+    """For a flow run in a subprocess: patch covid_cxr.release in this interpreter."""
+    from covid_cxr import release
+
+    release.describe, release.export_bento = release_fakes(root)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +54,7 @@ stages:
     cmd: {py} fake_stages.py gate
     deps: [artifacts/eval/metrics.json]
     params: [gate]
-    outs:
+    metrics:
       - artifacts/gate.json:
           cache: false
 """
@@ -64,6 +65,31 @@ LOOSE_GATE = {"min_accuracy": 0.0, "min_macro_f1": 0.0, "min_covid_recall": 0.0,
               "champion_tolerance": 0.005}
 STRICT_GATE = {"min_accuracy": 0.999, "min_macro_f1": 0.999, "min_covid_recall": 0.999, "max_ece": 0.001,
                "champion_tolerance": 0.0}
+
+
+# What a 60-image project needs to get through `validate` (the real thresholds assume thousands).
+SMALL_PARAMS = {
+    "validate": {
+        "min_per_class": 5,
+        "class_fraction": {"COVID": [0.0, 1.0], "Normal": [0.0, 1.0], "Viral Pneumonia": [0.0, 1.0]},
+        "split_tolerance": 0.2,
+    },
+}
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20) -> None:
+    """Stop a process started with start_new_session=True, and everything it started."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
 
 
 def sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
@@ -101,7 +127,14 @@ class Project:
 
     @property
     def production(self) -> Path:
-        return self.root / "artifacts" / "production.json"
+        return self.root / "registry" / "production.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "registry" / "inbox-ledger.json"
+
+    def git(self, *args: str) -> str:
+        return sh(["git", *args], self.root, env=self.env)
 
     def images(self) -> dict[str, set[str]]:
         """class -> file names under data/."""
@@ -120,6 +153,29 @@ class Project:
         self.production.parent.mkdir(parents=True, exist_ok=True)
         self.production.write_text(json.dumps(rec, indent=2))
         return self.production.read_bytes()
+
+
+EXTERNAL = MAIN / "external"
+
+
+def _copy_external(dst: Path, per_group: int = 2) -> None:
+    """A few films of each external group (external/labels.csv), for the `external` stage."""
+    import csv
+
+    with open(EXTERNAL / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows, f"need the external films at {EXTERNAL} (dvc pull external.dvc)"
+    keep, seen = [], {}
+    for r in rows:
+        if seen.get(r["group"], 0) < per_group:
+            seen[r["group"]] = seen.get(r["group"], 0) + 1
+            keep.append(r)
+            (dst / r["file"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(EXTERNAL / r["file"], dst / r["file"])
+    with open(dst / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
 
 
 def _copy_subset(dst_data: Path, per_class: int) -> None:
@@ -158,11 +214,12 @@ def make_project(base: Path, *, kind: str = "fake", per_class: int = 4, params: 
             if (MAIN / extra).exists():
                 shutil.copy2(MAIN / extra, root / extra)
         shutil.copytree(MAIN / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        _copy_external(root / "external")
         prm["train"]["profile"] = "smoke"
         prm["gate"] = dict(LOOSE_GATE)
     deep_update(prm, params or {})
     (root / "params.yaml").write_text(yaml.safe_dump(prm, sort_keys=False))
-    (root / ".gitignore").write_text("/artifacts/production.json\n/artifacts/quarantine/\n/.bentos/\n"
+    (root / ".gitignore").write_text("/artifacts/quarantine/\n/.bentos/\n/logs/\n"
                                      "/HOLD_TRAIN\n/.train_started\n/artifacts/bento.json\n/.cache/\n")
 
     env = dict(os.environ)
@@ -258,3 +315,8 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.5):
             return v
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def failure_artifacts(url: str, flow_run_id: str) -> list[dict]:
+    arts = api(url, "POST", "/artifacts/filter", {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}})
+    return [a for a in arts if a.get("type") == "markdown" and a.get("key") == "retrain-failure"]

@@ -88,3 +88,23 @@ def test_summary_of_a_failed_run_names_the_step_reason_and_unchanged_production(
     assert "| b1 | 5 | 3 | 0 | 2 | `artifacts/quarantine/b1` |" in md
     assert "| corrupt |" in md and "| empty |" in md
     assert "production before this run: `covid_cxr:old`" in md and "production.json unchanged" in md
+
+
+def test_git_commit_files_commits_only_those_files_and_only_when_changed(tmp_path):
+    git = lambda *a: orch.run(["git", *a], tmp_path)[1]  # noqa: E731
+    git("-c", "init.defaultBranch=main", "init", "-q")
+    git("config", "user.email", "t@example.invalid")
+    git("config", "user.name", "t")
+    (tmp_path / "record.json").write_text("{}")
+    (tmp_path / "other.txt").write_text("staged by somebody else")
+    git("add", "other.txt")
+
+    sha = orch.git_commit_files(tmp_path, [tmp_path / "record.json", "absent.json"], "first")
+
+    assert sha and git("show", "--name-only", "--format=", "HEAD") == ["record.json"]
+    assert git("diff", "--cached", "--name-only") == ["other.txt"]  # still staged, not committed
+    assert orch.git_commit_files(tmp_path, ["record.json"], "again") is None  # unchanged: no commit
+    assert orch.git_commit_files(tmp_path, ["absent.json"], "nothing") is None
+    (tmp_path / "record.json").write_text('{"bento": "b:1"}')
+    assert orch.git_commit_files(tmp_path, ["record.json"], "second") != sha
+    assert git("log", "--format=%s") == ["second", "first"]

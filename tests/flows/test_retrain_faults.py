@@ -1,8 +1,9 @@
 """Fault behaviour of the retraining flow, with REAL dvc and a REAL (temporary) Prefect server.
 
 Only the pipeline stages are fakes (tests/flows/fake_stages.py: milliseconds instead of a
-training run; metrics set in params.yaml) and `covid-cxr package/promote` (no Bento build).
-The real chain runs in test_retrain_e2e.py.
+training run; metrics set in params.yaml), `covid-cxr package` (no Bento build) and release.py's
+two BentoML-store functions; the promotion rule, the production record, `dvc add`/`dvc push`
+of the export and git stay real. The real chain runs in test_schedule_e2e.py.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 
 from flowkit import (
     GOOD_METRICS,
+    failure_artifacts,
     STRICT_GATE,
     MAIN,
     flaky_dvc,
@@ -49,11 +51,12 @@ def test_transient_pull_failure_is_retried(prefect_api, fake_project):
     assert sync[0]["empirical_policy"]["retries"] == 3
 
 
-def test_persistent_pull_failure_fails_the_flow_with_reason(prefect_api, fake_project):
+def test_persistent_pull_failure_fails_the_flow_with_reason(prefect_api, fake_project, tmp_path):
     champion = fake_project.seed_champion(GOOD_METRICS)
     attempts = flaky_dvc(fake_project, fails=99)
+    make_batch(tmp_path / "inbox", good_per_class=1, bad=False)
 
-    state = run_flow(root=str(fake_project.root))
+    state = run_flow(root=str(fake_project.root), inbox=str(tmp_path / "inbox"))
 
     assert state.is_failed()
     assert attempts.read_text().strip() == "4"  # 1 try + 3 declared retries
@@ -61,6 +64,13 @@ def test_persistent_pull_failure_fails_the_flow_with_reason(prefect_api, fake_pr
     assert fake_project.production.read_bytes() == champion
     (art,) = summary_artifacts(prefect_api, flow_run_id(state))
     assert "FAILED" in art["data"] and "sync" in art["data"]
+    # the on-failure hook: the step and the reason, as an artifact of the run and in the failure log
+    (fail,) = failure_artifacts(prefect_api, flow_run_id(state))
+    assert "failed at step `sync`" in fail["data"] and "connection reset" in fail["data"]
+    (line,) = (fake_project.root / "logs" / "retrain-failures.jsonl").read_text().splitlines()
+    rec = json.loads(line)
+    assert rec["step"] == "sync" and "connection reset" in rec["reason"] and rec["flow_run"] == flow_run_id(state)
+    assert not fake_project.ledger.exists()  # not processed: the next run tries the batch again
 
 
 def test_bad_files_in_a_batch_lose_none_of_the_good_ones(prefect_api, fake_project, tmp_path):
@@ -126,6 +136,8 @@ def test_failed_gate_keeps_the_champion(prefect_api, fake_project, tmp_path):
     assert "package" not in names and "promote" not in names
     md = summary_artifacts(prefect_api, flow_run_id(state))[0]["data"]
     assert "Gate: FAILED" in md and "| accuracy | 0.9500 | 0.9900 |" in md and "production.json unchanged" in md
+    (fail,) = failure_artifacts(prefect_api, flow_run_id(state))
+    assert "failed at step `gate`" in fail["data"] and "accuracy 0.9500 >= 0.999: FAIL" in fail["data"]
 
 
 def test_gate_pass_but_not_better_keeps_the_champion(prefect_api, fake_project):
@@ -176,19 +188,29 @@ def test_flow_killed_during_training_completes_when_rerun(prefect_api, fake_proj
         assert names <= fake_project.images()[cls]
 
 
-def test_commit_true_commits_only_data_dvc(prefect_api, fake_project, tmp_path):
+def test_commit_true_commits_data_dvc_the_promotion_and_the_ledger_only(prefect_api, fake_project, tmp_path):
     batch, _, _ = make_batch(tmp_path, good_per_class=1, bad=False)
     (fake_project.root / "untracked-note.txt").write_text("not mine to commit")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=fake_project.root, capture_output=True, text=True).stdout
+    head = fake_project.git("rev-parse", "HEAD").strip()
 
     state = run_flow(root=str(fake_project.root), incoming=[str(batch)], commit=True)
 
     assert state.is_completed(), state.message
-    git = lambda *a: subprocess.run(["git", *a], cwd=fake_project.root, capture_output=True, text=True).stdout
-    assert git("rev-parse", "HEAD^") == head
-    assert git("show", "--name-only", "--format=", "HEAD").split() == ["data.dvc"]
-    assert "batch-test" in git("log", "-1", "--format=%s")
-    assert "untracked-note.txt" in git("status", "--porcelain")
+    commits = [line.split(" ", 1) for line in reversed(fake_project.git("log", "--format=%H %s", f"{head}..HEAD")
+                                                       .splitlines())]  # oldest first
+    kinds = [subject.split()[0] for _, subject in commits]
+    assert kinds == ["data:", "promote", "inbox:"]
+    files = {k: fake_project.git("show", "--name-only", "--format=", h).split() for (h, _), k in zip(commits, kinds)}
+    assert files["data:"] == ["data.dvc"]
+    prod = json.loads(fake_project.production.read_text())
+    assert sorted(files["promote"]) == sorted(["registry/production.json", prod["export"] + ".dvc",
+                                               "registry/bentos/.gitignore"])
+    assert files["inbox:"] == ["registry/inbox-ledger.json"]
+    assert "batch-test" in commits[0][1]
+    assert "untracked-note.txt" in fake_project.git("status", "--porcelain")
+    assert fake_project.git("status", "--porcelain", "--", "registry", "data.dvc") == ""
+    # the exported Bento went to the remote with the promotion
+    assert "in sync" in fake_project.dvc("status", "-c", prod["export"] + ".dvc").lower()
 
 
 def test_cli_runs_the_flow_once_and_pushes_to_a_remote_path(prefect_api, fake_project, tmp_path):
@@ -196,13 +218,16 @@ def test_cli_runs_the_flow_once_and_pushes_to_a_remote_path(prefect_api, fake_pr
     new_remote = tmp_path / "another-remote"
     new_remote.mkdir()
     config = (fake_project.root / ".dvc" / "config").read_text()
-    # a slightly better champion: the gate passes, promotion is declined (package.promote, which
-    # needs a BentoML store, is not faked in this subprocess)
+    # a slightly better champion: the gate passes, promotion is declined
     champion = fake_project.seed_champion({**GOOD_METRICS, "macro_f1": GOOD_METRICS["macro_f1"] + 0.002})
     env = {**fake_project.env, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
 
+    # flows/retrain.py's main(), with release.py's two BentoML-store functions faked in that process
+    code = (f"import sys; sys.path[:0] = [{str(MAIN / 'flows')!r}, {str(MAIN / 'tests' / 'flows')!r}]; "
+            f"import fake_stages; fake_stages.install_release_fakes({str(fake_project.root)!r}); "
+            "import retrain; sys.exit(retrain.main(sys.argv[1:]))")
     r = subprocess.run(
-        [sys.executable, str(MAIN / "flows" / "retrain.py"), "--incoming", str(batch),
+        [sys.executable, "-c", code, "--incoming", str(batch),
          "--remote", os.path.relpath(new_remote, fake_project.root), "--backoff-s", "0.2"],
         cwd=fake_project.root, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -3,14 +3,15 @@
 flows/deploy.py serves the deployment with its cron schedule; the test checks the server stored
 the schedule and created the upcoming Monday 03:00 runs, then triggers a run with
 `run_deployment` on a small temp project running the real chain (`covid-cxr` stages, smoke
-profile, 20 real images per class + a batch with broken files), and checks it Completed with
-its summary artifact. A second run with strict gate thresholds must fail and keep the champion.
+profile, 20 real images per class + an inbox holding a batch with broken files), and checks it
+Completed with its summary artifact and ledger entry; the next run (the batch renamed) says
+"nothing new" without retraining; a run with strict gate thresholds must fail and keep the champion.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,73 +23,20 @@ import yaml
 from flowkit import (
     LOOSE_GATE,
     MAIN,
+    SMALL_PARAMS,
     STRICT_GATE,
     api,
-    free_port,
     make_batch,
     make_project,
+    stop_group,
     summary_artifacts,
+    task_runs,
     wait_for,
 )
 
 pytestmark = pytest.mark.e2e
 
 DEPLOYMENT = "e2e-retrain"
-# What a 60-image project needs to get through `validate` (the real thresholds assume thousands).
-SMALL_PARAMS = {
-    "validate": {
-        "min_per_class": 5,
-        "class_fraction": {"COVID": [0.0, 1.0], "Normal": [0.0, 1.0], "Viral Pneumonia": [0.0, 1.0]},
-        "split_tolerance": 0.2,
-    },
-}
-
-
-def _stop(proc: subprocess.Popen, sig: int, grace: float) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """`prefect server start --host 127.0.0.1 --port <free>` with its own PREFECT_HOME; its env."""
-    home = tmp_path_factory.mktemp("prefect_home")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
-        PREFECT_LOGGING_LEVEL="WARNING",
-    )
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        def healthy():
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            try:
-                return api(url, "GET", "/health") is True
-            except Exception:
-                return False
-
-        wait_for(healthy, 150, "the Prefect server to answer /api/health", interval=1)
-        yield {**env, "PREFECT_API_URL": url}
-    finally:
-        _stop(proc, signal.SIGTERM, 20)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +68,7 @@ def served(prefect_server, real_project):
         dep = wait_for(registered, 120, "flows/deploy.py to register the deployment", interval=1)
         yield {"url": url, "deployment": dep, "log": log_path, "env": env, "pid": proc.pid}
     finally:
-        _stop(proc, signal.SIGINT, 30)  # Ctrl-C: the runner pauses the schedule and exits
+        stop_group(proc, signal.SIGINT, 30)  # Ctrl-C: the runner pauses the schedule and exits
         log.close()
 
 
@@ -186,11 +134,13 @@ def cron_matches(cron: str, t: dt.datetime) -> bool:
     return _field(minute, t.minute, 0) and _field(hour, t.hour, 0) and _field(month, t.month, 1) and days
 
 
-def test_triggered_run_completes_with_summary_then_strict_gate_keeps_champion(served, real_project, tmp_path):
-    batch, good, bad = make_batch(tmp_path, good_per_class=3)
+def test_inbox_run_completes_with_summary_next_says_nothing_new_then_strict_gate_keeps_champion(
+        served, real_project, tmp_path):
+    inbox = tmp_path / "inbox"
+    batch, good, bad = make_batch(inbox, good_per_class=3)
     before = real_project.images()
 
-    run = _run(served["url"], {"incoming": [str(batch)]})
+    run = _run(served["url"], {"inbox": str(inbox)})
 
     assert run["state_type"] == "COMPLETED", (run["state"]["message"], served["log"].read_text()[-4000:])
     after = real_project.images()
@@ -206,9 +156,24 @@ def test_triggered_run_completes_with_summary_then_strict_gate_keeps_champion(se
     assert "Gate: PASSED" in md and f"promoted {prod['bento']}" in md
     assert f"| {batch.name} | {sum(map(len, good.values())) + len(bad)} | {sum(map(len, good.values()))} |" in md
     assert "up to date" in real_project.dvc("status", "--with-deps", "gate").lower()  # dvc.lock records the chain
+    (entry,) = json.loads(real_project.ledger.read_text())["batches"].values()
+    assert entry["batch"] == batch.name and entry["flow_run"] == run["id"]
+    # the promotion shipped the Bento: exported under registry/bentos and pushed to the DVC remote
+    assert "in sync" in real_project.dvc("status", "-c", prod["export"] + ".dvc").lower()
+
+    # the next run, the same batch under another name: nothing new, no retraining
+    champion = real_project.production.read_bytes()
+    shutil.move(batch, inbox / "batch-test-copy")
+    lock = (real_project.root / "dvc.lock").read_bytes()
+
+    again = _run(served["url"], {"inbox": str(inbox)})
+
+    assert again["state_type"] == "COMPLETED" and again["state"]["message"].startswith("nothing new"), again["state"]
+    assert {t["name"].rsplit("-", 1)[0] for t in task_runs(served["url"], again["id"])} == {"scan-inbox", "summary"}
+    assert (real_project.root / "dvc.lock").read_bytes() == lock and real_project.production.read_bytes() == champion
+    assert real_project.images() == after
 
     # same model, strict thresholds: only the gate stage re-runs, and it fails
-    champion = real_project.production.read_bytes()
     real_project.set_params({"gate": STRICT_GATE})
 
     run2 = _run(served["url"], {})
@@ -223,7 +188,9 @@ def test_triggered_run_completes_with_summary_then_strict_gate_keeps_champion(se
 def test_run_killed_during_training_completes_when_rerun(served, real_project, tmp_path):
     import psutil
 
-    real_project.set_params({"gate": LOOSE_GATE})
+    # any champion comparison passes: a smoke model retrained on more films may score lower on a
+    # 9-film test split, and this test is about resuming, not about the champion rule
+    real_project.set_params({"gate": {**LOOSE_GATE, "champion_tolerance": 1.0}})
     batch, good, _ = make_batch(tmp_path, good_per_class=3, bad=False, offset=10, name="batch-kill")
     root = str(real_project.root)
 

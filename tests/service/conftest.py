@@ -78,15 +78,19 @@ def train_images() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def packaged(service_tmp, bentoml_home, test_model_dir) -> dict:
-    """A project whose gate passed, packaged and promoted by the real CLI."""
+    """A project whose gate passed (a git + DVC repo), packaged and promoted by the real CLI."""
     root = svcmodel.write_project(service_tmp / "proj", test_model_dir, passed=True)
     env = base_env(bentoml_home, root)
+    svcmodel.init_repo(root, service_tmp / "proj-dvc-remote", env)
     r = run_cli(["package"], root, env)
     assert r.returncode == 0, f"covid-cxr package failed:\n{r.stdout}\n{r.stderr}"
     import json
 
     rec = json.loads((root / "artifacts" / "bento.json").read_text())
-    prod = json.loads((root / "artifacts" / "production.json").read_text())
+    assert not (root / "registry" / "production.json").exists()  # packaging never promotes
+    p = run_cli(["promote"], root, env)
+    assert p.returncode == 0, f"covid-cxr promote failed:\n{p.stdout}\n{p.stderr}"
+    prod = json.loads((root / "registry" / "production.json").read_text())
     assert prod["bento"] == rec["bento"]
     return {"root": root, "env": env, "bento": rec["bento"], "model": rec["model"], "record": rec,
             "stdout": r.stdout}

@@ -112,3 +112,40 @@ def write_project(root: Path, model_src: Path | None = None, passed: bool = True
     gate = {"passed": passed, "reasons": [] if passed else ["accuracy 0.5000 < 0.97"], "metrics": m, "champion": None}
     (root / "artifacts" / "gate.json").write_text(json.dumps(gate, indent=2))
     return root
+
+
+PACKAGE_ONLY_DVC_YAML = """\
+stages:
+  package:
+    cmd: covid-cxr package --if-passed
+    deps: [artifacts/gate.json, artifacts/model]
+    outs: [artifacts/bento.json]
+"""
+
+
+def init_repo(root: Path, remote: Path, env: dict, dvc_yaml: str | None = None) -> None:
+    """Make a project tree (write_project) a git + DVC repo with a local DVC remote, as the
+    release commands need (`promote` exports the Bento to the remote and commits the record)."""
+    import subprocess
+    import sys
+
+    bindir = Path(sys.executable).parent
+
+    def sh(*cmd: str) -> None:
+        r = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
+
+    remote.mkdir(parents=True, exist_ok=True)
+    sh("git", "-c", "init.defaultBranch=main", "init", "-q")
+    sh("git", "config", "user.email", "service-tests@example.invalid")
+    sh("git", "config", "user.name", "service tests")
+    sh(str(bindir / "dvc"), "init", "-q")
+    sh(str(bindir / "dvc"), "config", "core.analytics", "false")
+    sh(str(bindir / "dvc"), "remote", "add", "-d", "local", str(remote))
+    (root / ".gitignore").write_text("/artifacts/model/\n/artifacts/eval/\n/artifacts/gate.json\n")
+    files = ["params.yaml", ".gitignore", ".dvc"]
+    if dvc_yaml:
+        (root / "dvc.yaml").write_text(dvc_yaml)
+        files.append("dvc.yaml")
+    sh("git", "add", *files)
+    sh("git", "commit", "-qm", "project")

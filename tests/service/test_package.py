@@ -1,4 +1,4 @@
-"""Packaging (gate check, model store, bentoml build) and the promotion rule."""
+"""Packaging (gate check, model store, bentoml build) and the promotion rule (promotion.py)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,8 @@ import yaml
 import svcmodel
 from svckit import base_env, run_cli
 from covid_cxr.config import Paths
-from covid_cxr.package import PackagingError, is_better, read_gate
+from covid_cxr.package import PackagingError, read_gate
+from covid_cxr.promotion import is_better
 
 CHAMP = {"accuracy": 0.98, "macro_f1": 0.975, "covid_recall": 0.98}
 
@@ -116,83 +117,41 @@ def test_package_builds_a_bento_pinned_to_the_model(packaged, bentoml_home, test
 @pytest.mark.e2e
 def test_failed_gate_refuses_and_changes_nothing(service_tmp, bentoml_home, test_model_dir, packaged):
     root = svcmodel.write_project(service_tmp / "proj-failed", test_model_dir, passed=False, accuracy=0.5)
-    prod = root / "artifacts" / "production.json"
-    shutil.copy2(packaged["root"] / "artifacts" / "production.json", prod)
+    prod = root / "registry" / "production.json"
+    prod.parent.mkdir(parents=True)
+    shutil.copy2(packaged["root"] / "registry" / "production.json", prod)
     before_prod = prod.read_bytes()
     before_store = store_listing(bentoml_home)
-    r = run_cli(["package"], root, base_env(bentoml_home, root))
+    env = base_env(bentoml_home, root)
+    r = run_cli(["package"], root, env)
     assert r.returncode == 1
     assert "did not pass the evaluation gate" in r.stderr and "accuracy 0.5000 < 0.97" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert not (root / "artifacts" / "bento.json").exists()
+
+    # the dvc stage's form: the refusal is recorded, exit 0 (so `dvc exp run` keeps the experiment)
+    r = run_cli(["package", "--if-passed"], root, env)
+    assert r.returncode == 0, r.stderr
+    assert "not packaged" in r.stderr and "accuracy 0.5000 < 0.97" in r.stderr
+    rec = json.loads((root / "artifacts" / "bento.json").read_text())
+    assert rec["packaged"] is False and rec["bento"] is None and rec["gate"]["reasons"] == ["accuracy 0.5000 < 0.97"]
+    # and promote refuses what was not packaged
+    r = run_cli(["promote"], root, env)
+    assert r.returncode == 1 and "nothing was packaged" in r.stderr
     assert prod.read_bytes() == before_prod
     assert store_listing(bentoml_home) == before_store
 
 
-@pytest.mark.e2e
-def test_promotion_keeps_a_better_champion(service_tmp, bentoml_home, test_model_dir, packaged):
-    root = svcmodel.write_project(service_tmp / "proj-promo", test_model_dir, passed=True,
-                                   accuracy=0.97, macro_f1=0.97, covid_recall=0.971)
-    env = base_env(bentoml_home, root)
-    prod = root / "artifacts" / "production.json"
-    shutil.copy2(packaged["root"] / "artifacts" / "production.json", prod)
-    champion = json.loads(prod.read_text())
+def test_promote_refuses_a_model_that_failed_the_gate(tmp_path, monkeypatch):
+    """Even with --force, a model whose store label says the gate failed never reaches production."""
+    from covid_cxr import release
 
-    # a worse candidate is packaged but does not replace production
-    r = run_cli(["package"], root, env)
-    assert r.returncode == 0, r.stderr
-    worse = json.loads((root / "artifacts" / "bento.json").read_text())
-    assert worse["bento"] != champion["bento"] and worse["model"] != champion["model"]
-    assert json.loads(prod.read_text())["bento"] == champion["bento"]
-    assert "production unchanged" in r.stdout
-
-    # nor does promoting it by hand, unless forced
-    r = run_cli(["promote", worse["bento"]], root, env)
-    assert r.returncode == 2 and json.loads(prod.read_text())["bento"] == champion["bento"]
-    r = run_cli(["promote", worse["bento"], "--force"], root, env)
-    assert r.returncode == 0, r.stderr
-    now = json.loads(prod.read_text())
-    assert now["bento"] == worse["bento"] and now["model"] == worse["model"]
-    assert now["history"][0]["bento"] == champion["bento"]
-
-    # and the better one (the original champion) wins it back on the rule
-    r = run_cli(["promote", champion["bento"]], root, env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(prod.read_text())["bento"] == champion["bento"]
-
-    # Loading the champion Bento now must give the champion's model, although the newest
-    # `covid_cxr` model in the store is the worse one (BentoML alone would take `latest`).
-    code = f"""
-import bentoml
-from bentoml._internal.service.loader import load
-assert str(bentoml.models.get("covid_cxr:latest").tag) == {worse['model']!r}
-svc = load({champion['bento']!r})
-print("MODEL", svc().model_tag)
-"""
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=180)
-    assert f"MODEL {champion['model']}" in r.stdout, r.stdout + r.stderr[-3000:]
-
-
-@pytest.mark.e2e
-def test_promote_refuses_a_model_that_failed_the_gate(service_tmp, bentoml_home, packaged):
-    """Even called directly, promote() checks the model's gate label in the store."""
-    root = service_tmp / "proj-gatefail"
-    (root / "artifacts").mkdir(parents=True)
-    code = f"""
-import bentoml, json
-from covid_cxr.config import Paths
-from covid_cxr.package import promote, PackagingError
-with bentoml.models.create("covid_cxr", labels={{"gate": "failed"}}) as m:
-    pass
-try:
-    promote(Paths({str(root)!r}), {packaged['bento']!r}, str(m.tag), {{"accuracy": 1.0}})
-except PackagingError as e:
-    print("REFUSED", e)
-"""
-    r = subprocess.run([sys.executable, "-c", code], env=base_env(bentoml_home, root), capture_output=True,
-                       text=True, timeout=120)
-    assert "REFUSED" in r.stdout and "did not pass" in r.stdout, r.stdout + r.stderr
-    assert not (root / "artifacts" / "production.json").exists()
+    monkeypatch.setattr(release, "describe", lambda tag: {
+        "bento": "covid_cxr:x", "model": "covid_cxr:m", "gate": "failed", "metrics": dict(CHAMP)})
+    monkeypatch.setattr(release, "publish", lambda *a, **k: pytest.fail("nothing may be published"))
+    with pytest.raises(release.PromotionError, match="did not pass the evaluation gate"):
+        release.promote(Paths(tmp_path), "covid_cxr:x", force=True)
+    assert not Paths(tmp_path).production.exists()
 
 
 def test_serve_without_production_says_so(tmp_path):
@@ -204,25 +163,25 @@ def test_serve_without_production_says_so(tmp_path):
 
 def test_serve_with_a_missing_bento_or_model_dir_says_so(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
-    (tmp_path / "artifacts").mkdir()
-    (tmp_path / "artifacts" / "production.json").write_text(json.dumps({"bento": "covid_cxr:doesnotexist"}))
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "production.json").write_text(json.dumps({"bento": "covid_cxr:doesnotexist"}))
     env = base_env(tmp_path / "bhome", tmp_path)
     r = run_cli(["serve", "--port", "3999"], tmp_path, env, timeout=120)
-    assert r.returncode == 1 and "not in the BentoML store" in r.stderr
+    assert r.returncode == 1 and "not in the BentoML store" in r.stderr and "covid-cxr pull-production" in r.stderr
     r = run_cli(["serve", "--model-dir", str(tmp_path)], tmp_path, env, timeout=60)
     assert r.returncode == 1 and "no model.json" in r.stderr
 
 
-def test_package_compares_with_the_gates_rescored_champion(tmp_path):
+def test_promotion_compares_with_the_gates_rescored_champion(tmp_path):
     """Same test split for both models: the gate's re-scoring wins over production's old record."""
-    from covid_cxr.package import gate_champion_metrics
+    from covid_cxr.promotion import champion_metrics
 
     paths = Paths(tmp_path)
     paths.gate.parent.mkdir(parents=True)
     prod = {"bento": "covid_cxr:champ", "metrics": CHAMP}
     rescored = {"accuracy": 0.9, "macro_f1": 0.9, "covid_recall": 0.9}
     paths.gate.write_text(json.dumps({"passed": True, "champion": {"bento": "covid_cxr:champ", "metrics": rescored}}))
-    assert gate_champion_metrics(paths, prod) == rescored
+    assert champion_metrics(paths, prod) == rescored
     paths.gate.write_text(json.dumps({"passed": True, "champion": {"bento": "covid_cxr:other", "metrics": rescored}}))
-    assert gate_champion_metrics(paths, prod) is None
-    assert gate_champion_metrics(paths, None) is None
+    assert champion_metrics(paths, prod) == CHAMP  # the gate judged another champion: the record's metrics
+    assert champion_metrics(paths, None) is None
