@@ -32,6 +32,7 @@ STAGE_MODULES = (
     "package",
     "serving",
     "monitor",
+    "predict",
 )
 
 @app.callback()
