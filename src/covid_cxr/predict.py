@@ -371,13 +371,16 @@ def run_predict(sources: Sequence[str | Path], out: Path, model=None, model_tag:
     from .scoring import score_stream
 
     t_start = time.perf_counter()
+    for s in sources:  # a mistyped path is reported before the model is loaded
+        if not Path(s).exists():
+            raise FileNotFoundError(f"{s}: no such file or folder")
+    res = ResultsCsv(out)
     if model is None:
         from .model_io import load_model
 
         mdir, model_tag = resolve_model(model_spec)
         model = load_model(mdir)
     model_tag = model_tag or "unknown"
-    res = ResultsCsv(out)
     summary: dict[str, Any] = {"out": str(out), "model": model_tag, "files": 0, "scored": 0, "skipped": 0,
                                "errors": Counter(), "labels": Counter(), "labels_ok": Counter(),
                                "verdicts": Counter(), "reasons": Counter(), "left_out": {}, "heatmaps": 0,
