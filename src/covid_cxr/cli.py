@@ -48,6 +48,7 @@ STAGE_MODULES = (
     "release",
     "serving",
     "monitor",
+    "predict",
 )
 
 

@@ -14,6 +14,7 @@ Endpoints
                                                             novelty, in_distribution, model}
     POST /predict_batch  multipart `images` (repeated) -> [same, ...] in upload order
     POST /explain        multipart `image`             -> same + Grad-CAM overlay (base64 PNG)
+    POST /report         multipart `image` [+ `format` pdf|png] -> the analysis report as a download (report.py)
     GET  /healthz /livez (liveness), /readyz (model loaded and warm), /metadata, /metrics
     GET  /               the web page (static files in covid_cxr/web, no build step, no CDN)
 
@@ -59,7 +60,7 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 from fastapi import FastAPI
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from .config import CLASSES
@@ -91,7 +92,7 @@ STATUS = {
 }
 PUBLIC_PATHS = {"/", "/index.html", "/favicon.ico", "/healthz", "/livez", "/readyz"}
 PUBLIC_PREFIXES = ("/static/",)
-IMAGE_ROUTES = {"/predict", "/predict_batch", "/explain"}
+IMAGE_ROUTES = {"/predict", "/predict_batch", "/explain", "/report"}
 ACCEPTED_TYPES = {"multipart/form-data", "application/x-www-form-urlencoded", "application/json"}
 
 
@@ -642,6 +643,39 @@ class CovidCxr:
             "disclaimer": DISCLAIMER,
         })
         return JSONResponse(res)
+
+    @bentoml.api(route="/report")
+    async def report(self, image: Path, format: str = "pdf") -> bytes:  # noqa: A002 (the form field's name)
+        """The analysis report of one film as a download: `format` pdf (default) or png (report.py).
+
+        The same decode, forward, verdict and Grad-CAM as /explain; only the pixels reach the report.
+        """
+        import anyio
+
+        from .report import MEDIA_TYPES, build_report, filename
+
+        if not self.ready:
+            return self._not_ready()
+        fmt = str(format or "pdf").strip().lower()
+        if fmt not in MEDIA_TYPES:
+            return error_response("bad_format", f"format must be one of {', '.join(MEDIA_TYPES)}", 400)
+        try:
+            (up,) = await self._grays([image], full=True)
+            small = await anyio.to_thread.run_sync(resize_gray, up.gray, self.model.size)
+            (res,), _ = await self._classify([replace(up, gray=small)])
+        except ImageError as e:
+            return error_response(e.code, e.message)
+        except Overloaded as e:
+            return error_response("overloaded", str(e), 503)
+        shown, heat, method = await anyio.to_thread.run_sync(self._gradcam, up.gray, small,
+                                                             CLASSES.index(res["label"]))
+        sha = up.info.get("sha256")
+        body = await anyio.to_thread.run_sync(lambda: build_report(
+            shown, heat, res, fmt=fmt, data_version=self.model.meta.get("data_md5"), image_sha256=sha,
+            cam_method=method, disclaimer=DISCLAIMER))
+        return Response(body, media_type=MEDIA_TYPES[fmt], headers={
+            "Content-Disposition": f'attachment; filename="{filename(sha, fmt)}"',
+            "X-Verdict": res["verdict"], "Cache-Control": "no-store"})
 
     def _gradcam(self, gray: np.ndarray, small: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray, str]:
         from PIL import Image

@@ -5,6 +5,7 @@
 const CLASSES = ["COVID", "Normal", "Viral Pneumonia"];
 const $ = (id) => document.getElementById(id);
 let busy = false;
+let lastFile = null;  // the film whose result is shown: the report button re-posts it to /report
 
 function authHeaders() {
   const t = $("token").value.trim();
@@ -78,6 +79,8 @@ async function analyse(file) {
   busy = true;
   clearError();
   $("report").hidden = true;  // never show the previous film's report beside a new upload
+  lastFile = null;
+  $("download-status").textContent = "";
   setStatus("Analysing " + file.name + " \u2026");
   const form = new FormData();
   form.append("image", file, file.name);
@@ -96,11 +99,48 @@ async function analyse(file) {
       return;
     }
     render(body, file.name);
+    lastFile = file;
     if (!$("model-info").textContent) loadMetadata();
   } finally {
     busy = false;
     setStatus("");
     $("file").value = "";
+  }
+}
+
+// The analysis report (PDF): the same film re-posted to /report, saved through a blob URL.
+async function downloadReport() {
+  const file = lastFile;
+  const btn = $("download-report");
+  if (!file || btn.disabled) return;
+  btn.disabled = true;
+  $("download-status").textContent = "Preparing the report \u2026";
+  const form = new FormData();
+  form.append("image", file, file.name);
+  form.append("format", "pdf");
+  try {
+    const resp = await fetch("/report", { method: "POST", headers: authHeaders(), body: form });
+    if (!resp.ok) {
+      let body = null;
+      try { body = await resp.json(); } catch (e) { body = null; }
+      $("download-status").textContent = describeError(resp.status, body, file.name);
+      return;
+    }
+    const blob = await resp.blob();
+    const m = /filename="([^"]+)"/.exec(resp.headers.get("Content-Disposition") || "");
+    const url = URL.createObjectURL(blob);
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = m ? m[1] : "covid-cxr-report.pdf";
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+    $("download-status").textContent = "";
+  } catch (e) {
+    $("download-status").textContent = "Could not reach the server (" + e.message + ").";
+  } finally {
+    btn.disabled = false;
   }
 }
 
@@ -129,6 +169,7 @@ function init() {
     loadMetadata();
   });
   input.addEventListener("change", () => analyse(input.files[0]));
+  $("download-report").addEventListener("click", downloadReport);
   zone.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
   });
