@@ -87,10 +87,12 @@ def open_image(src: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
         im.load()
     except Exception as e:
         raise ImageError("corrupt", f"the image data is truncated or corrupt: {e}") from None
+    fmt = im.format
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:
         pass  # a broken EXIF block should not reject an otherwise fine image
+    im.format = im.format or fmt  # a transposed copy forgets it; callers (logs, checks) read it
     return im
 
 
