@@ -42,10 +42,49 @@ def embed_all(model, imgs: np.ndarray, bs: int = 64):
     return torch.cat(pooled).numpy(), torch.cat(logits).numpy(), layers
 
 
+def union_study(emb, ytr, T, report, maha) -> None:
+    """Several detectors from one forward pass, each at its own valid quantile; flagged = any."""
+    content = maha(lambda k: emb[k][0])
+    style = maha(lambda k: np.concatenate([emb[k][2][i] for i in (1, 3, 6)], 1), 32)
+    mid = maha(lambda k: np.concatenate([emb[k][2][i] for i in range(7, 14)], 1), 64)
+
+    def energy(key):
+        z = emb[key][1] / T
+        m = z.max(1)
+        return -(np.log(np.exp(z - m[:, None]).sum(1)) + m)
+    from sklearn.decomposition import PCA
+
+    pca = PCA(128, random_state=0).fit(emb["train"][0])
+    tr = pca.transform(emb["train"][0])
+    tr /= np.linalg.norm(tr, axis=1, keepdims=True)
+
+    def knn(key, k=10):
+        x = pca.transform(emb[key][0])
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        sim = x @ tr.T
+        if key == "train":
+            np.fill_diagonal(sim, -1)
+        return -np.sort(sim, 1)[:, -k]
+    dets = {"content": content, "style": style, "mid": mid, "energy": energy, "knn": knn}
+    s = {n: {k: f(k) for k in emb} for n, f in dets.items()}
+    report("knn-10 on PCA-128 (alone)", lambda k: s["knn"][k])
+    for q in (0.995, 0.993, 0.99):
+        for names in (("content", "style"), ("knn", "energy"), ("knn", "mid", "energy"),
+                      ("content", "style", "mid", "energy", "knn")):
+            def flag(key, names=names, q=q):
+                out = np.zeros(len(s[names[0]][key]), bool)
+                for n in names:
+                    out |= s[n][key] > np.quantile(s[n]["valid"], q)
+                return out.astype(float)
+            row = " | ".join(f"{k} {100 * flag(k).mean():5.1f}" for k in emb if k != "train")
+            print(f"union q{q} {'+'.join(names):<34} | {row}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--quantile", type=float, default=0.99)
+    ap.add_argument("--union", action="store_true", help="only the union-of-detectors study")
     args = ap.parse_args()
     paths = Paths()
     model = load_model(args.model_dir)
@@ -59,7 +98,16 @@ def main() -> None:
     for g in sorted(ext["group"].unique()):
         files = ext[ext["group"] == g]["file"]
         sets[g] = (np.stack([load_film(paths.root / "external" / f, model.size)[0] for f in files]), None)
-    emb = {k: embed_all(model, v[0]) for k, v in sets.items()}
+    cache = args.model_dir / "detector_study.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        emb = {k: (z[f"{k}/pooled"], z[f"{k}/logits"], [z[f"{k}/layer{i}"] for i in range(int(z[f"{k}/n"]))])
+               for k in sets}
+    else:
+        emb = {k: embed_all(model, v[0]) for k, v in sets.items()}
+        np.savez(cache, **{f"{k}/{n}": a for k, (p_, l_, ls) in emb.items()
+                           for n, a in [("pooled", p_), ("logits", l_), ("n", np.array(len(ls)))]
+                           + [(f"layer{i}", x) for i, x in enumerate(ls)]})
     ytr = sets["train"][1]
     T = model.temperature
 
@@ -74,6 +122,9 @@ def main() -> None:
         return lambda key: m.score(torch.as_tensor(feat_fn(key))).numpy()
 
     print(f"model {args.model_dir}  size {model.size}  T {T:.3f}  threshold: valid q{args.quantile}")
+    if args.union:
+        union_study(emb, ytr, T, report, maha)
+        return
     report("content: pooled maha64", maha(lambda k: emb[k][0]))
     report("style: layers 1,3,6", maha(lambda k: np.concatenate([emb[k][2][i] for i in (1, 3, 6)], 1), 32))
     n_layers = len(emb["train"][2])

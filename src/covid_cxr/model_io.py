@@ -78,39 +78,79 @@ class OodModel:
         return t
 
 
-class Novelty:
-    """How unlike the training films an input is: content and acquisition style together.
+@dataclass
+class EnergyPart:
+    """Energy of the calibrated logits, -T * logsumexp(z / T): high when no class claims the film."""
 
-    Two OodModels, each on its own features: `content` on the pooled features (what the film
-    shows), `style` on early-layer activation statistics (how it was acquired and processed;
-    models.STYLE_TAPS). Each part's score is divided by its own validation quantile (`scales`),
-    the novelty score is the larger of the two, and `threshold` is that score's validation
-    quantile. Everything is fitted on train (means, covariances) and valid (scales, threshold).
+    temperature: float
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        t = float(self.temperature)
+        return -t * torch.logsumexp(logits.float() / t, dim=1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"temperature": torch.tensor(float(self.temperature))}
+
+
+Part = OodModel | EnergyPart
+INPUTS = {"content": "content", "style": "style", "energy": "logits"}  # part -> the features it scores
+
+
+class Novelty:
+    """How unlike the training films an input is, from one forward pass.
+
+    Parts, each scoring its own features:
+    - `content`: Mahalanobis + residual (OodModel) on the pooled features (what the film shows);
+    - `style`: the same on early-layer activation statistics (how it was acquired and processed;
+      models.STYLE_TAPS);
+    - `energy`: the energy of the temperature-scaled logits (no class claims the film).
+    Each part's score is standardised on the validation split, (s - median) / (quantile - median),
+    the novelty score is the largest standardised part, and `threshold` is that score's validation
+    quantile. Means and covariances come from train; medians, quantiles and threshold from valid.
     """
 
-    def __init__(self, parts: dict[str, OodModel], scales: dict[str, float], threshold: float):
+    def __init__(self, parts: dict[str, Part], scales: dict[str, float], threshold: float,
+                 centers: dict[str, float] | None = None):
         self.parts, self.scales, self.threshold = parts, scales, threshold
+        self.centers = centers or {k: 0.0 for k in parts}
 
-    def score(self, content: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
-        feats = {"content": content, "style": style}
-        s = [self.parts[k].score(feats[k]) / self.scales[k] for k in self.parts if feats.get(k) is not None]
-        return torch.stack(s).amax(0)
+    def part_scores(self, content: torch.Tensor, style: torch.Tensor | None = None,
+                    logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        feats = {"content": content, "style": style, "logits": logits}
+        return {k: (m.score(feats[INPUTS[k]]) - self.centers[k]) / self.scales[k]
+                for k, m in self.parts.items() if feats[INPUTS[k]] is not None}
+
+    def score(self, content: torch.Tensor, style: torch.Tensor | None = None,
+              logits: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack(list(self.part_scores(content, style, logits).values())).amax(0)
 
     @classmethod
     def fit(cls, train: dict[str, np.ndarray], labels: np.ndarray, valid: dict[str, torch.Tensor],
-            quantile: float, n_components: dict[str, int]) -> "Novelty":
-        parts = {k: OodModel.fit(train[k], labels, n_components=n_components[k]) for k in train}
-        scales = {k: float(torch.quantile(parts[k].score(valid[k]), quantile)) for k in parts}
-        nov = cls(parts, scales, float("inf"))
-        nov.threshold = float(torch.quantile(nov.score(valid["content"], valid.get("style")), quantile))
+            quantile: float, n_components: dict[str, int], parts: tuple[str, ...], temperature: float) -> "Novelty":
+        models: dict[str, Part] = {}
+        for k in parts:
+            if k == "energy":
+                models[k] = EnergyPart(temperature)
+            else:
+                models[k] = OodModel.fit(train[INPUTS[k]], labels, n_components=n_components[k])
+        centers, scales = {}, {}
+        for k, m in models.items():
+            v = m.score(valid[INPUTS[k]])
+            centers[k] = float(torch.quantile(v, 0.5))
+            scales[k] = max(float(torch.quantile(v, quantile)) - centers[k], 1e-6)
+        nov = cls(models, scales, float("inf"), centers)
+        nov.threshold = float(torch.quantile(nov.score(valid["content"], valid.get("style"), valid.get("logits")),
+                                             quantile))
         return nov
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"{k}.{n}": t for k, m in self.parts.items() for n, t in m.tensors().items()}
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "max(content, style) of mahalanobis-pca+residual", "threshold": self.threshold,
-                "scales": self.scales, "components": {k: int(m.components.shape[0]) for k, m in self.parts.items()}}
+        return {"kind": "max of standardised parts: " + ", ".join(self.parts), "threshold": self.threshold,
+                "scales": self.scales, "centers": self.centers,
+                "components": {k: int(m.components.shape[0]) for k, m in self.parts.items()
+                               if isinstance(m, OodModel)}}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], desc: dict[str, Any]) -> "Novelty":
@@ -118,12 +158,16 @@ class Novelty:
             m = OodModel(t["mean"], t["components"], t["class_means"], t["precision"], float(desc["threshold"]),
                          t.get("resid_mean"))
             return cls({"content": m}, {"content": 1.0}, float(desc["threshold"]))
-        parts = {}
+        parts: dict[str, Part] = {}
         for k in desc["scales"]:
             g = {n.split(".", 1)[1]: v for n, v in t.items() if n.startswith(k + ".")}
-            parts[k] = OodModel(g["mean"], g["components"], g["class_means"], g["precision"], float("inf"),
-                                g.get("resid_mean"))
-        return cls(parts, {k: float(v) for k, v in desc["scales"].items()}, float(desc["threshold"]))
+            if k == "energy":
+                parts[k] = EnergyPart(float(g["temperature"]))
+            else:
+                parts[k] = OodModel(g["mean"], g["components"], g["class_means"], g["precision"], float("inf"),
+                                    g.get("resid_mean"))
+        return cls(parts, {k: float(v) for k, v in desc["scales"].items()}, float(desc["threshold"]),
+                   {k: float(v) for k, v in (desc.get("centers") or {}).items()} or None)
 
 
 @dataclass
@@ -187,7 +231,7 @@ class LoadedModel:
         probs = torch.softmax(logits / self.temperature, dim=1).numpy()
         novelty, novel = None, np.zeros(len(probs), bool)
         if self.ood is not None:
-            novelty = self.ood.score(feats, style).numpy()
+            novelty = self.ood.score(feats, style, logits).numpy()
             novel = novelty > self.ood.threshold
         verdicts, reasons = decide(probs, novel, self.policy, not_xray)
         return Predictions(logits.numpy(), probs, novelty, novel, verdicts, reasons)

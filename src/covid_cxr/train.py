@@ -286,11 +286,10 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
             logits_va = net.head(f_va)
         temperature = fit_temperature(logits_va, labels[va])
         valid_acc = float((logits_va.argmax(1).numpy() == labels[va]).mean())
-        parts = tuple(vcfg["novelty_parts"])
-        train_feats = {"content": f_tr.numpy(), "style": s_tr.numpy()}
-        valid_feats = {"content": f_va, "style": s_va}
-        ood = Novelty.fit({k: train_feats[k] for k in parts}, labels[tr], {k: valid_feats[k] for k in parts},
-                          float(vcfg["novelty_quantile"]), dict(vcfg["components"]))
+        ood = Novelty.fit({"content": f_tr.numpy(), "style": s_tr.numpy()}, labels[tr],
+                          {"content": f_va, "style": s_va, "logits": logits_va},
+                          float(vcfg["novelty_quantile"]), dict(vcfg["components"]),
+                          tuple(vcfg["novelty_parts"]), temperature)
         p_va = torch.softmax(logits_va / temperature, 1).numpy()
         min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
 

@@ -28,7 +28,10 @@ def test_artifacts_are_weights_only_and_complete(trained_tiny):
     assert mj["classes"] == list(CLASSES) and mj["image_size"] == 64 and mj["params"]["profile"] == "smoke"
     assert mj["temperature"] > 0 and np.isfinite(mj["ood"]["threshold"])
     # the novelty model has both parts, each scaled by its valid quantile; refer thresholds travel with it
-    assert set(mj["ood"]["scales"]) == {"content", "style"} and all(v > 0 for v in mj["ood"]["scales"].values())
+    import yaml
+
+    parts = yaml.safe_load((root / "params.yaml").read_text())["verdict"]["novelty_parts"]
+    assert set(mj["ood"]["scales"]) == set(parts) and all(v > 0 for v in mj["ood"]["scales"].values())
     assert mj["verdict"]["novelty_threshold"] == mj["ood"]["threshold"]
     assert 0 < mj["verdict"]["min_confidence"] < 1
 

@@ -39,7 +39,7 @@ def test_novelty_sees_content_and_style_and_flags_about_the_quantile():
     vc, vs = rng.normal(0, 1, (300, 40)) + np.repeat([0, 1, 2], 100)[:, None], rng.normal(0, 1, (300, 12))
     nov = Novelty.fit({"content": content, "style": style}, y,
                       {"content": torch.tensor(vc, dtype=torch.float32), "style": torch.tensor(vs, dtype=torch.float32)},
-                      0.98, {"content": 16, "style": 8})
+                      0.98, {"content": 16, "style": 8}, ("content", "style"), 1.0)
     s_valid = nov.score(torch.tensor(vc, dtype=torch.float32), torch.tensor(vs, dtype=torch.float32))
     assert (s_valid > nov.threshold).float().mean() == pytest.approx(0.02, abs=0.01)
     # a batch whose content is typical but whose style is shifted is flagged through the style part alone
@@ -51,6 +51,21 @@ def test_novelty_sees_content_and_style_and_flags_about_the_quantile():
     # round trip through the safetensors layout
     again = Novelty.from_tensors(nov.tensors(), nov.describe())
     torch.testing.assert_close(again.score(tc, ts), nov.score(tc, ts))
+
+
+def test_energy_part_flags_films_no_class_claims():
+    rng = np.random.default_rng(1)
+    sharp = torch.tensor(rng.normal(0, 1, (400, 3)) + np.eye(3)[rng.integers(0, 3, 400)] * 8, dtype=torch.float32)
+    feats = torch.zeros(400, 4)
+    nov = Novelty.fit({"content": feats.numpy() + rng.normal(0, 1, (400, 4))}, rng.integers(0, 3, 400),
+                      {"content": feats + torch.tensor(rng.normal(0, 1, (400, 4)), dtype=torch.float32),
+                       "logits": sharp}, 0.99, {"content": 4}, ("content", "energy"), 1.0)
+    flat = torch.zeros(20, 3)  # no class stands out: high energy
+    x = torch.tensor(rng.normal(0, 1, (20, 4)), dtype=torch.float32)
+    assert (nov.score(x, None, flat) > nov.threshold).all()
+    assert set(nov.part_scores(x, None, flat)) == {"content", "energy"}
+    again = Novelty.from_tensors(nov.tensors(), nov.describe())
+    torch.testing.assert_close(again.score(x, None, flat), nov.score(x, None, flat))
 
 
 def test_group_summary_counts_right_flagged_and_confident_wrong():
