@@ -491,6 +491,15 @@ def _plots(ref, win, report, out: Path, s) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
 
+    def finish(fig, ax, key: str, title: str) -> None:
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out / f"{key}.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        files[key] = str(p)
+
     def bars(key: str, cats_ref: list, cats_win: list, order: Sequence[str], title: str) -> None:
         cr, cw = Counter(cats_ref), Counter(cats_win)
         cats = [c for c in order if c in cr or c in cw] + sorted((set(cr) | set(cw)) - set(order))
@@ -502,13 +511,7 @@ def _plots(ref, win, report, out: Path, s) -> dict[str, str]:
         ax.bar(x + 0.2, [cw[c] / max(1, len(cats_win)) for c in cats], 0.4, label=f"window (n={len(cats_win)})")
         ax.set_xticks(x, cats, rotation=20 if len(cats) > 3 else 0)
         ax.set_ylabel("share")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / f"{key}.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        files[key] = str(p)
+        finish(fig, ax, key, title)
 
     def hist(key: str, a: list, b: list, title: str, rng: tuple[float, float] | None = None) -> None:
         if not a and not b:
@@ -521,14 +524,8 @@ def _plots(ref, win, report, out: Path, s) -> dict[str, str]:
             ax.hist(a, bins=bins, density=True, alpha=0.5, label=f"reference (n={len(a)})")
         if b:
             ax.hist(b, bins=bins, density=True, alpha=0.5, label=f"window (n={len(b)})")
-        ax.set_title(title)
         ax.set_ylabel("density")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / f"{key}.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        files[key] = str(p)
+        finish(fig, ax, key, title)
 
     v = lambda rows, k: [r[k] for r in rows if r[k] is not None]
     bars("class_mix", v(ref, "label"), v(win, "label"), CLASSES, "predicted class mix")
