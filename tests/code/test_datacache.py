@@ -29,7 +29,8 @@ def _edited_preprocess(tmp_path: Path, monkeypatch, extra: str):
     """A copy of preprocess.py with `extra` appended, imported as its own module."""
     f = tmp_path / "preprocess_edited.py"
     f.write_text(Path(preprocess.__file__).read_text() + "\n\n" + extra)
-    spec = importlib.util.spec_from_file_location("covid_cxr_preprocess_edited", f)
+    # a module of the package, so that its relative imports (`.dicom`) resolve
+    spec = importlib.util.spec_from_file_location("covid_cxr.preprocess_edited", f)
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
     spec.loader.exec_module(mod)

@@ -260,11 +260,11 @@ def _same_prediction(model, pngs) -> dict[str, tuple[float, float]]:
     Returns {variant: (mean |grey difference| at the model's size, max |dp|)}.
     """
     grays_png = np.stack([load_gray(p, model.size) for p in pngs])
-    ref = model.predict(grays_png)["probs"]
+    ref = model.predict(grays_png).probs
     variants = list(fx.DICOM_VARIANTS)
     x = np.stack([load_gray(fx.dicom_bytes(np.asarray(Image.open(p).convert("L")), v), model.size)
                   for v in variants for p in pngs])
-    probs = model.predict(x)["probs"].reshape(len(variants), len(pngs), len(CLASSES))
+    probs = model.predict(x).probs.reshape(len(variants), len(pngs), len(CLASSES))
     xs = x.reshape(len(variants), len(pngs), *x.shape[1:]).astype(int)
     measured = {}
     for k, v in enumerate(variants):
