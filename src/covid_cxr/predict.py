@@ -15,8 +15,8 @@ What it scores
     `<zip>::<member>`.
 
 Which model
-    The production model by default (artifacts/production.json -> its BentoML model tag in the
-    store under BENTOML_HOME, else its recorded model_path); `--model` takes a model directory
+    The production model by default (registry/production.json -> its BentoML model tag in the
+    store under BENTOML_HOME; `covid-cxr pull-production` brings it); `--model` takes a model directory
     (model.json + model.safetensors) or a BentoML model tag.
 
 Same answer as the service
@@ -184,23 +184,18 @@ def resolve_model(spec: str | None, paths: Paths | None = None) -> tuple[Path, s
         if d.is_dir():
             raise PredictError(f"{d} holds no model.json")
         return _store_model(spec)
-    from .package import PackagingError, production
+    from .promotion import PromotionError, production
 
     paths = paths or Paths()
     try:
         rec = production(paths)
-    except PackagingError as e:
+    except PromotionError as e:
         raise PredictError(str(e)) from None
     if rec is None:
         raise PredictError(f"nothing is in production yet ({paths.production} is missing): pass --model "
-                           "artifacts/model (a model directory) or --model covid_cxr:<version>")
-    try:
-        return _store_model(rec["model"])
-    except PredictError:
-        mp = Path(rec.get("model_path") or "")
-        if rec.get("model_path") and (mp / "model.json").is_file():
-            return mp, str(rec["model"])
-        raise
+                           "artifacts/model (a model directory) or --model covid_cxr:<version>, or run "
+                           "`covid-cxr pull-production` on a clone whose record names one")
+    return _store_model(rec["model"])
 
 
 def _store_model(tag: str) -> tuple[Path, str]:
