@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pandas as pd
@@ -19,14 +20,14 @@ from svckit import VENV_BIN, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
+REPO = Path(__file__).resolve().parents[2]
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
 def real_server():
-    from conftest import REPO
-
     model = REPO / "artifacts" / "model"
     if not (model / "model.json").exists() or not (REPO / "external" / "labels.csv").exists():
         pytest.fail("needs the trained model and external/: run README command 1 (bash .ci/pipeline) first")
