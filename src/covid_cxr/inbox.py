@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from .config import Paths
+from .jsonio import write_json_atomic
 
 
 def _file_sha(p: Path) -> str:
@@ -97,9 +97,4 @@ def record(paths: Paths, batches: list[dict[str, Any]], outcome: str, *, data_ve
         doc["batches"][b["key"]] = {"batch": b["name"], "source": b["path"], "files": b["files"],
                                     "processed_at": t, "outcome": outcome, "data_version": data_version,
                                     "flow_run": flow_run}
-    p = paths.ledger
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
-    return p
+    return write_json_atomic(paths.ledger, doc)

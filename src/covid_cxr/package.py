@@ -25,6 +25,7 @@ from typing import Any
 import typer
 
 from .config import Paths, load_params
+from .jsonio import write_json_atomic
 from .promotion import KEY_METRICS
 from .promotion import now as _now
 
@@ -46,13 +47,6 @@ def _read_json(p: Path) -> Any:
         return None
     except ValueError as e:
         raise PackagingError(f"{p} is not valid JSON: {e}") from None
-
-
-def _write_json_atomic(p: Path, obj: Any) -> None:
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
 
 
 def _clean(obj: Any) -> Any:
@@ -240,7 +234,7 @@ def package_model(paths: Paths | None = None) -> dict[str, Any]:
         "params_hash": lab.get("params_hash"),
         "built_at": _now(),
     }
-    _write_json_atomic(paths.artifacts / "bento.json", rec)
+    write_json_atomic(paths.artifacts / "bento.json", rec)
     return rec
 
 
@@ -252,7 +246,7 @@ def refusal(paths: Paths, err: PackagingError) -> dict[str, Any]:
     gate = _read_json(paths.gate)
     rec = {"packaged": False, "bento": None, "model": None, "reason": str(err),
            "gate": {"passed": False, "reasons": list((gate or {}).get("reasons") or [])}, "built_at": _now()}
-    _write_json_atomic(paths.artifacts / "bento.json", rec)
+    write_json_atomic(paths.artifacts / "bento.json", rec)
     return rec
 
 

@@ -31,12 +31,12 @@ the record and the Bento is release.py's job.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .config import Paths, load_params
+from .jsonio import write_json_atomic
 
 KEY_METRICS = ("accuracy", "macro_f1", "covid_recall")
 DEFAULT_TOLERANCE = 0.005
@@ -179,12 +179,7 @@ def new_record(paths: Paths, entry: dict[str, Any]) -> dict[str, Any]:
 
 def write_record(paths: Paths, rec: dict[str, Any]) -> Path:
     """Atomic write (a reader never sees half a record); sorted keys, so diffs stay small."""
-    p = paths.production
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
-    return p
+    return write_json_atomic(paths.production, rec)
 
 
 def rollback_target(paths: Paths, to: str | None = None) -> dict[str, Any]:
