@@ -42,6 +42,19 @@ def embed_all(model, imgs: np.ndarray, bs: int = 64):
     return torch.cat(pooled).numpy(), torch.cat(logits).numpy(), layers
 
 
+def knn_detector(emb, k: int = 10):
+    """Minus the cosine similarity of the k-th nearest train film's pooled features."""
+    tr = emb["train"][0] / np.linalg.norm(emb["train"][0], axis=1, keepdims=True)
+
+    def score(key):
+        x = emb[key][0] / np.linalg.norm(emb[key][0], axis=1, keepdims=True)
+        sim = x @ tr.T
+        if key == "train":
+            np.fill_diagonal(sim, -1)
+        return -np.sort(sim, 1)[:, -k]
+    return score
+
+
 def union_study(emb, ytr, T, report, maha) -> None:
     """Several detectors from one forward pass, each at its own valid quantile; flagged = any."""
     content = maha(lambda k: emb[k][0])
@@ -144,14 +157,7 @@ def main() -> None:
         p = np.exp(z - z.max(1, keepdims=True))
         return -(p / p.sum(1, keepdims=True)).max(1)
     report("1 - max softmax (calibrated)", msp)
-    tr = emb["train"][0] / np.linalg.norm(emb["train"][0], axis=1, keepdims=True)
-
-    def knn(key, k=10):
-        x = emb[key][0] / np.linalg.norm(emb[key][0], axis=1, keepdims=True)
-        sim = x @ tr.T
-        if key == "train":
-            np.fill_diagonal(sim, -1)
-        return -np.sort(sim, 1)[:, -k]
+    knn = knn_detector(emb)
     report("kNN-10 cosine, pooled", knn)
 
     # a frozen ImageNet backbone: features not collapsed onto the three classes
@@ -162,14 +168,7 @@ def main() -> None:
     pre = {k: embed_all(frozen, v[0]) for k, v in sets.items()}
     report("pretrained pooled maha64", maha(lambda k: pre[k][0]))
     report("pretrained pooled maha16", maha(lambda k: pre[k][0], 16))
-    ptr = pre["train"][0] / np.linalg.norm(pre["train"][0], axis=1, keepdims=True)
-
-    def knn_pre(key, k=10):
-        x = pre[key][0] / np.linalg.norm(pre[key][0], axis=1, keepdims=True)
-        sim = x @ ptr.T
-        if key == "train":
-            np.fill_diagonal(sim, -1)
-        return -np.sort(sim, 1)[:, -k]
+    knn_pre = knn_detector(pre)
     report("pretrained kNN-10 cosine", knn_pre)
     report("pretrained layers 7-13 maha", maha(lambda k: np.concatenate([pre[k][2][i] for i in range(7, 14)], 1), 64))
 
