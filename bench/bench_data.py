@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from covid_cxr.imagecheck import data_image_files, default_workers  # noqa: E402
-from covid_cxr.preprocess import open_image, to_gray  # noqa: E402
+from covid_cxr.data.imagecheck import data_image_files, default_workers  # noqa: E402
+from covid_cxr.data.preprocess import open_image, to_gray  # noqa: E402
 
 CHUNK = 64  # imagecheck.compute_stats's chunk size
 

@@ -58,9 +58,9 @@ def main() -> None:
 
     import torch
 
-    from covid_cxr.model_io import load_model
-    from covid_cxr.predict import collect, default_threads, resolve_model, run_predict
-    from covid_cxr.scoring import load_film
+    from covid_cxr.model.checkpoint import load_model
+    from covid_cxr.serve.predict import collect, default_threads, resolve_model, run_predict
+    from covid_cxr.evaluation.scoring import load_film
 
     args.threads = args.threads or default_threads()
     torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""Per-record cost of the prediction log writer (src/covid_cxr/predlog.py), in-process.
+"""Per-record cost of the prediction log writer (src/covid_cxr/serve/predlog.py), in-process.
 
 What a prediction pays is `write()` on the caller's thread (a dict copy and a queue put); the
 rest (validation, JSON, the append, rotation) runs on the writer thread, but in the same process,
@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from covid_cxr import predlog  # noqa: E402
-from covid_cxr.predlog import PredictionLog  # noqa: E402
+from covid_cxr.serve import predlog  # noqa: E402
+from covid_cxr.serve.predlog import PredictionLog  # noqa: E402
 
 
 def record(i: int) -> dict:
@@ -140,7 +140,7 @@ def main() -> int:
     a = ap.parse_args()
     import logging
 
-    logging.getLogger("covid_cxr.predlog").setLevel(logging.ERROR)  # the ENOSPC run's one warning
+    logging.getLogger("covid_cxr.serve.predlog").setLevel(logging.ERROR)  # the ENOSPC run's one warning
 
     recs = [record(i) for i in range(a.n)]
     out: dict = {"n": a.n, "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}

@@ -51,19 +51,19 @@ def pick_target(args) -> tuple[list[str], dict[str, str], Path, str]:
     """-> (serve target args, extra env, model directory for the in-process side, label)."""
     if args.model_dir:
         d = Path(args.model_dir).resolve()
-        return ["covid_cxr.service:CovidCxr"], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"dir {d}"
+        return ["covid_cxr.serve.service:CovidCxr"], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"dir {d}"
     import bentoml
 
     tag = args.bento
     if not tag:
-        from covid_cxr.promotion import production
+        from covid_cxr.release.promotion import production
 
         prod = production()
         if prod:
             tag = prod["bento"]
         elif (Paths().model_dir / "model.json").is_file():
             d = Paths().model_dir.resolve()
-            return ["covid_cxr.service:CovidCxr"], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"dir {d}"
+            return ["covid_cxr.serve.service:CovidCxr"], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"dir {d}"
         else:
             sys.exit("nothing to benchmark: no production Bento and no artifacts/model (use --model-dir)")
     bento = bentoml.get(tag)
@@ -210,8 +210,8 @@ class InProcess:
     def __init__(self, model_dir: Path, threads: int, images: list[bytes]):
         import torch
 
-        from covid_cxr.model_io import load_model
-        from covid_cxr.preprocess import load_gray
+        from covid_cxr.model.checkpoint import load_model
+        from covid_cxr.data.preprocess import load_gray
 
         torch.set_num_threads(threads)
         self.model = load_model(model_dir)

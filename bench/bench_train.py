@@ -19,16 +19,15 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params, train_config
-from covid_cxr.datacache import decoded
-from covid_cxr.models import arch_norm, build
-from covid_cxr.train import image_dls, pooled_features
+from covid_cxr.data.cache import decoded
+from covid_cxr.model.nets import arch_norm, build
+from covid_cxr.model.train import image_dls, pooled_features
 
 
 def _fit_rate(learn, n_imgs: int) -> float:
@@ -45,7 +44,7 @@ def main() -> None:
     from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, PILImageBW,
                                    Resize, aug_transforms)
 
-    from covid_cxr.preprocess import fastai_normalize
+    from covid_cxr.data.preprocess import fastai_normalize
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=None)

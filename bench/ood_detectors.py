@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 
 from covid_cxr.config import CLASSES, Paths
-from covid_cxr.datacache import decoded
-from covid_cxr.model_io import OodModel, load_model
-from covid_cxr.scoring import load_film
+from covid_cxr.data.cache import decoded
+from covid_cxr.model.checkpoint import OodModel, load_model
+from covid_cxr.evaluation.scoring import load_film
 
 
 def embed_all(model, imgs: np.ndarray, bs: int = 64):
@@ -161,8 +161,8 @@ def main() -> None:
     report("kNN-10 cosine, pooled", knn)
 
     # a frozen ImageNet backbone: features not collapsed onto the three classes
-    from covid_cxr.model_io import LoadedModel
-    from covid_cxr.models import build
+    from covid_cxr.model.checkpoint import LoadedModel
+    from covid_cxr.model.nets import build
 
     frozen = LoadedModel(net=build(model.meta["arch"], pretrained=True).eval(), meta=model.meta)
     pre = {k: embed_all(frozen, v[0]) for k, v in sets.items()}

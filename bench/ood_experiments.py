@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import yaml
 
@@ -40,9 +39,9 @@ def main() -> None:
     ap.add_argument("--all-off", action="store_true", help="switch every acquisition op off first")
     args = ap.parse_args()
 
-    from covid_cxr.evaluate import predict_split, score
-    from covid_cxr.external import external
-    from covid_cxr.train import train
+    from covid_cxr.evaluation.evaluate import predict_split, score
+    from covid_cxr.evaluation.external import external
+    from covid_cxr.model.train import train
 
     paths = Paths()
     params = load_params(paths.root / "params.yaml")

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from covid_cxr.augment import Acquisition
+from covid_cxr.model.augment import Acquisition
 from covid_cxr.config import Paths
-from covid_cxr.datacache import decoded
-from covid_cxr.model_io import load_model
-from covid_cxr.scoring import load_film
+from covid_cxr.data.cache import decoded
+from covid_cxr.model.checkpoint import load_model
+from covid_cxr.evaluation.scoring import load_film
 
 
 def main() -> None:

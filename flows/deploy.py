@@ -11,7 +11,7 @@ The cron string defaults to params.yaml `schedule.cron`. This process registers 
 (with its schedule) and runs each scheduled or manually triggered run, one at a time, until
 stopped (Ctrl-C pauses the schedule). Trigger a run now with
 `prefect deployment run retrain/weekly-retrain`. Each run processes the inbox's new batches
-(by content, see covid_cxr/inbox.py) and says "nothing new" when there are none.
+(by content, see covid_cxr/orchestrate/inbox.py) and says "nothing new" when there are none.
 
 This is the `flow.serve` way (no work pool, one long-running process). The work-pool way is
 prefect.yaml at the repo root (`prefect deploy --all` + `prefect worker start`): see the README.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prefect.schedules import Cron  # noqa: E402
 
-from covid_cxr import orchestrate as orch  # noqa: E402
+from covid_cxr.orchestrate import steps as orch  # noqa: E402
 from covid_cxr.config import load_params, project_root  # noqa: E402
 from retrain import retrain  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Drift monitoring flow: `covid-cxr monitor` on the prediction log, as a Prefect 3 flow.
 
-A thin shell over `covid_cxr.monitor.run_monitor` (the same code as the CLI). One run:
+A thin shell over `covid_cxr.orchestrate.monitor.run_monitor` (the same code as the CLI). One run:
 
     python flows/monitor.py [--since 7d] [--log logs/predictions.jsonl] [--report out.json]
 
@@ -47,7 +47,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from covid_cxr import monitor as mon  # noqa: E402
+from covid_cxr.orchestrate import monitor as mon  # noqa: E402
 from covid_cxr.config import load_params, project_root  # noqa: E402
 
 ARTIFACT_KEY = "drift-report"

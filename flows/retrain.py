@@ -1,6 +1,6 @@
 """Retraining flow: inbox -> sync -> ingest -> version -> rebuild -> gate -> package -> promote -> summary.
 
-A thin Prefect 3 shell over `covid_cxr.orchestrate` / `covid_cxr.inbox` / `covid_cxr.release`
+A thin Prefect 3 shell over `covid_cxr.orchestrate.steps` / `covid_cxr.orchestrate.inbox` / `covid_cxr.release.registry`
 (which drive `dvc`, `git` and `covid-cxr`, the same entry points dvc.yaml and people use).
 Run once from the project root:
 
@@ -34,8 +34,8 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from covid_cxr import inbox as inbox_mod  # noqa: E402
-from covid_cxr import orchestrate as orch  # noqa: E402
+from covid_cxr.orchestrate import inbox as inbox_mod  # noqa: E402
+from covid_cxr.orchestrate import steps as orch  # noqa: E402
 from covid_cxr.config import Paths, project_root  # noqa: E402
 
 SUMMARY_KEY = "retrain-summary"

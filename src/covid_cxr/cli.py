@@ -35,20 +35,20 @@ app = typer.Typer(
 data_app = typer.Typer(help="Bring data in and check it.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
-STAGE_MODULES = (
-    "dataimport",
-    "imagecheck",
-    "prepare",
-    "validate",
-    "train",
-    "external",
-    "evaluate",
-    "gate",
-    "package",
-    "release",
-    "serving",
-    "monitor",
-    "predict",
+STAGE_MODULES = (  # each registers its commands; in pipeline order
+    "data.archive",
+    "data.imagecheck",
+    "data.prepare",
+    "data.validate",
+    "model.train",
+    "evaluation.external",
+    "evaluation.evaluate",
+    "evaluation.gate",
+    "release.package",
+    "release.registry",
+    "serve.serving",
+    "orchestrate.monitor",
+    "serve.predict",
 )
 
 
@@ -77,7 +77,7 @@ def _train_profile(value: str | None) -> str | None:
     """--profile of `covid-cxr train` must name one of params.yaml's train.profiles."""
     if value is None:
         return value
-    from .config import load_params, project_root
+    from covid_cxr.config import load_params, project_root
 
     profiles = list((load_params(project_root() / "params.yaml").get("train") or {}).get("profiles") or {})
     if value not in profiles:
@@ -111,7 +111,7 @@ _install(app)
 
 def main() -> None:
     """Console entry point: a usage error or a missing input is one line on stderr, not a traceback."""
-    from .progress import throttle_tqdm_env
+    from covid_cxr.progress import throttle_tqdm_env
 
     throttle_tqdm_env()  # before any stage imports tqdm: a log gets a bar line now and then
     try:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import yaml
 
-from covid_cxr.augment import OPS, Acquisition
-from covid_cxr.preprocess import load_gray
+from covid_cxr.model.augment import OPS, Acquisition
+from covid_cxr.data.preprocess import load_gray
 
 from conftest import REPO
 

@@ -144,7 +144,7 @@ def test_profile_must_be_one_of_params_profiles(monkeypatch, capsys, project):
 
 def test_profile_list_comes_from_params_yaml(monkeypatch, project):
     """`probe` exists only in this project's params.yaml: it is accepted, and `full` is not once removed."""
-    import covid_cxr.train as train_mod
+    import covid_cxr.model.train as train_mod
 
     seen = {}
     monkeypatch.setattr(train_mod, "train", lambda paths, params: seen.setdefault("profile", params["train"]["profile"]))
@@ -165,9 +165,9 @@ def test_profile_list_comes_from_params_yaml(monkeypatch, project):
 def test_a_missing_stage_module_is_an_error_not_skipped():
     """cli no longer swallows ModuleNotFoundError: a stage that cannot be imported breaks the CLI loudly."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['covid_cxr.gate'] = None; import covid_cxr.cli"],
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['covid_cxr.evaluation.gate'] = None; import covid_cxr.cli"],
                        capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr and "covid_cxr.gate" in r.stderr
+    assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr and "covid_cxr.evaluation.gate" in r.stderr
 
 
 def test_console_script_runs_as_a_subprocess(project):

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import imgfactory as fx  # noqa: E402
 
-from covid_cxr import datacache, preprocess  # noqa: E402
+from covid_cxr.data import cache as datacache, preprocess  # noqa: E402
 
 
 @pytest.fixture

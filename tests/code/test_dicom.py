@@ -21,9 +21,9 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS / "service"))
 import imgfactory as fx  # noqa: E402
 
-from covid_cxr import dicom  # noqa: E402
+from covid_cxr.data import dicom  # noqa: E402
 from covid_cxr.config import CLASSES  # noqa: E402
-from covid_cxr.preprocess import ImageError, load_gray, open_image, to_gray  # noqa: E402
+from covid_cxr.data.preprocess import ImageError, load_gray, open_image, to_gray  # noqa: E402
 
 SIZE = 224
 LOSSY = {"jpeg_baseline_8": 1.0, "j2k_lossy_12": 1.0}  # mean |difference| allowed at 224 px
@@ -192,7 +192,7 @@ def test_oversized_dicom_is_refused_before_decoding(gray):
 
 def test_service_maps_dicom_codes_to_422():
     """The service maps unknown ImageError codes to 422; none of ours is in its table."""
-    from covid_cxr import service
+    from covid_cxr.serve import service
 
     for code in ("dicom_not_radiograph", "dicom_lateral", "dicom_multiframe", "dicom_no_pixels",
                  "dicom_unsupported", "corrupt"):
@@ -244,7 +244,7 @@ def _model(tmp_path_factory, size: int, n_per_class: int):
     """A small real model built the way tests/service/svcmodel.py builds the service's."""
     import svcmodel
 
-    from covid_cxr.model_io import load_model
+    from covid_cxr.model.checkpoint import load_model
 
     try:
         d = svcmodel.build_test_model(tmp_path_factory.mktemp("dicom-model") / "m", image_size=size,

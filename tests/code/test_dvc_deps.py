@@ -168,7 +168,8 @@ def data_entries(m: Module) -> dict[str, int]:
     """Non-Python entries of the module's package folder that the module names in a string literal."""
     folder = m.path.parent
     entries = {p.name for p in folder.iterdir()
-               if p.suffix != ".py" and p.name != "__pycache__" and not p.name.endswith(".egg-info")}
+               if p.suffix != ".py" and p.name != "__pycache__" and not p.name.endswith(".egg-info")
+               and not (p / "__init__.py").exists()}  # a subpackage is reached by its imports
     found: dict[str, int] = {}
     for node in ast.walk(m.tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in entries:
@@ -776,10 +777,11 @@ def test_analysis_refuses_what_it_cannot_trace(src, problem):
 
 
 def test_closure_follows_function_level_and_transitive_imports():
-    chains, problems = closure([f"{PKG}.gate"])
+    chains, problems = closure([f"{PKG}.evaluation.gate"])
     assert not problems
-    # gate imports evaluate inside a function; evaluate -> model_io -> models; every module brings __init__
-    assert chains[f"{PKG}.evaluate"] == [f"{PKG}.gate", f"{PKG}.evaluate"]
-    assert chains[f"{PKG}.models"][-2:] == [f"{PKG}.model_io", f"{PKG}.models"]
+    # gate imports evaluate inside a function; evaluate -> checkpoint -> nets; every package on the way
+    assert chains[f"{PKG}.evaluation.evaluate"] == [f"{PKG}.evaluation.gate", f"{PKG}.evaluation.evaluate"]
+    assert chains[f"{PKG}.model.nets"][-2:] == [f"{PKG}.model.checkpoint", f"{PKG}.model.nets"]
+    assert f"{PKG}.model" in chains and f"{PKG}.data" in chains
     assert PKG in chains and f"{PKG}.cli" not in chains
     assert len(_dep_cases()) > len(checked_stages()) and len(_param_cases()) >= len(checked_stages())

@@ -12,7 +12,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import imgfactory as fx  # noqa: E402
 
-from covid_cxr.preprocess import (  # noqa: E402
+from covid_cxr.data.preprocess import (  # noqa: E402
     ImageError,
     Norm,
     load_gray,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_cxr.gradcam import overlay
-from covid_cxr.report import MEDIA_TYPES, build_report, filename
+from covid_cxr.model.gradcam import overlay
+from covid_cxr.serve.report import MEDIA_TYPES, build_report, filename
 
 WHEN = datetime(2024, 5, 6, 7, 8, tzinfo=timezone.utc)
 SHA = "a2295e558bb8ad8e76da1224199cdd92c1d1dea59eb1e45d98d75d88778eee2a"

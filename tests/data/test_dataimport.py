@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from covid_cxr.cli import app
-from covid_cxr.dataimport import import_source, import_tree
+from covid_cxr.data.archive import import_source, import_tree
 
 KAGGLE = fx.KAGGLE
 
@@ -171,7 +171,7 @@ def _lie_about_size(path: Path, declared: int) -> None:
 
 
 def _no_unpack(monkeypatch):
-    import covid_cxr.dataimport as di
+    import covid_cxr.data.archive as di
 
     def boom(*a, **k):
         raise AssertionError("a member was unpacked although the headers already showed the archive too big")
@@ -180,7 +180,7 @@ def _no_unpack(monkeypatch):
 
 
 def test_zip_limits_come_from_params_yaml(params):
-    from covid_cxr.dataimport import ZipLimits
+    from covid_cxr.data.archive import ZipLimits
 
     lim = ZipLimits.from_params(params)
     imp = params["import"]
@@ -192,7 +192,7 @@ def test_zip_limits_come_from_params_yaml(params):
 
 def test_compressible_bomb_is_refused_from_its_headers_with_real_limits(project, tmp_path, monkeypatch):
     """4 MB of zeros squeezed ~1000:1: over the real params.yaml's import.max_ratio, never unpacked."""
-    from covid_cxr.dataimport import UnsafeArchive
+    from covid_cxr.data.archive import UnsafeArchive
 
     z = _bomb(tmp_path / "bomb.zip")
     _no_unpack(monkeypatch)
@@ -202,7 +202,7 @@ def test_compressible_bomb_is_refused_from_its_headers_with_real_limits(project,
 
 
 def test_member_over_max_member_mb_is_refused(project, tmp_path, monkeypatch):
-    from covid_cxr.dataimport import UnsafeArchive
+    from covid_cxr.data.archive import UnsafeArchive
 
     _limits_params(project, max_member_mb=2, max_ratio=10_000)
     z = _bomb(tmp_path / "big.zip", mb=3)
@@ -216,7 +216,7 @@ def test_total_over_max_total_mb_is_refused(project, tmp_path, monkeypatch):
     """Incompressible members, each within limits, too big together."""
     import numpy as np
 
-    from covid_cxr.dataimport import UnsafeArchive
+    from covid_cxr.data.archive import UnsafeArchive
 
     _limits_params(project, max_total_mb=1, max_member_mb=1)
     z = tmp_path / "many.zip"
@@ -246,7 +246,7 @@ def test_masks_do_not_count_towards_the_limits(project, tmp_path):
 
 def test_header_that_understates_the_size_is_caught_while_unpacking(project, tmp_path):
     """The headers say 1,000 bytes (so every header check passes); the stream holds 4 MB."""
-    from covid_cxr.dataimport import UnsafeArchive
+    from covid_cxr.data.archive import UnsafeArchive
 
     z = _bomb(tmp_path / "liar.zip")
     _lie_about_size(z, 1000)
@@ -260,7 +260,7 @@ def test_header_that_understates_the_size_is_caught_while_unpacking(project, tmp
 def test_stream_longer_than_its_header_is_cut_off(project, tmp_path, monkeypatch):
     """Defence in depth: even if the decompressor yielded more than the header declares, the
     unpacking stops within one chunk of the declared size."""
-    import covid_cxr.dataimport as di
+    import covid_cxr.data.archive as di
 
     z = tmp_path / "small.zip"
     with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from covid_cxr import imagecheck as ic
+from covid_cxr.data import imagecheck as ic
 from covid_cxr.cli import app
-from covid_cxr.preprocess import load_gray
+from covid_cxr.data.preprocess import load_gray
 
 LIMITS = ic.Limits()
 SECRETS = (fx.FAKE_PATIENT_NAME, fx.FAKE_PATIENT_ID, "Testpatient", "PID-4242")
@@ -95,7 +95,7 @@ def test_training_cache_decodes_dicoms_like_their_pngs(tmp_path, real_images):
     """datacache (training / evaluation pixels) goes through load_gray, so DICOM rows just work."""
     import pandas as pd
 
-    from covid_cxr.datacache import decoded
+    from covid_cxr.data.cache import decoded
 
     pngs = [files[0] for files in real_images.values()]
     rows = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import imgfactory as fx
 import pytest
 
-from covid_cxr import imagecheck as ic
-from covid_cxr import prepare, validate
+from covid_cxr.data import imagecheck as ic
+from covid_cxr.data import prepare, validate
 from covid_cxr.config import load_params
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from covid_cxr import imagecheck as ic
+from covid_cxr.data import imagecheck as ic
 from covid_cxr.cli import app
 
 LIMITS = ic.Limits()  # params.yaml defaults: 64..4096 px, modes L/I;16/I/RGB, 4 bits

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from covid_cxr import validate
+from covid_cxr.data import validate
 from covid_cxr.cli import app
-from covid_cxr.prepare import assign_splits, write_manifest
+from covid_cxr.data.prepare import assign_splits, write_manifest
 
 COUNTS = {"COVID": 1300, "Normal": 1150, "Viral Pneumonia": 550}  # shares .43 / .38 / .18
 

@@ -28,7 +28,7 @@ def fake_project(tmp_path, monkeypatch) -> Project:
     monkeypatch.setenv("PATH", proj.env["PATH"])
     for k in ("COVID_CXR_ROOT", "BENTOML_HOME", "BENTOML_DO_NOT_TRACK"):
         monkeypatch.setenv(k, proj.env[k])
-    from covid_cxr import release
+    from covid_cxr.release import registry as release
 
     import fake_stages
 

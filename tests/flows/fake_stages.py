@@ -12,7 +12,6 @@ production record, `dvc add` / `dvc push` of the "export" and the git commit sta
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -122,12 +121,12 @@ def cli(argv: list[str]) -> int:
 
 
 def release_fakes(root: Path):
-    """(describe, export_bento) for covid_cxr.release, answering from the project's fake Bento
+    """(describe, export_bento) for covid_cxr.release.registry, answering from the project's fake Bento
     record (artifacts/bento.json) instead of a BentoML store."""
     root = Path(root)
 
     def describe(bento_tag: str) -> dict:
-        from covid_cxr.release import PromotionError
+        from covid_cxr.release.registry import PromotionError
 
         rec = json.loads((root / "artifacts" / "bento.json").read_text())
         if rec.get("bento") != bento_tag:
@@ -144,8 +143,8 @@ def release_fakes(root: Path):
 
 
 def install_release_fakes(root: Path) -> None:
-    """For a flow run in a subprocess: patch covid_cxr.release in this interpreter."""
-    from covid_cxr import release
+    """For a flow run in a subprocess: patch covid_cxr.release.registry in this interpreter."""
+    from covid_cxr.release import registry as release
 
     release.describe, release.export_bento = release_fakes(root)
 

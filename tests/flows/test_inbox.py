@@ -1,6 +1,6 @@
 """The retraining inbox: content keys, the ledger, and the flow processing each batch once.
 
-Unit tests of covid_cxr.inbox, then the flow on a fake project (real dvc, real temporary
+Unit tests of covid_cxr.orchestrate.inbox, then the flow on a fake project (real dvc, real temporary
 Prefect server; fake stages, see test_retrain_faults.py).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 
 from flowkit import make_batch, summary_artifacts, task_runs
 
-from covid_cxr import inbox
+from covid_cxr.orchestrate import inbox
 from covid_cxr.config import Paths
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from covid_cxr import orchestrate as orch
+from covid_cxr.orchestrate import steps as orch
 
 
 def test_tool_env_adds_the_interpreter_bin_only_when_missing():

@@ -41,7 +41,7 @@ def trained_tiny(tmp_path_factory, shared_dir):
     import socket
 
     from covid_cxr.config import Paths, load_params
-    from covid_cxr.train import train
+    from covid_cxr.model.train import train
 
     root = _tiny_project(tmp_path_factory.mktemp("tiny"), shared_dir)
     attempts: list = []

@@ -4,7 +4,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score, roc_auc_score
 
 from covid_cxr.config import CLASSES
-from covid_cxr.metrics import classification_metrics, ece, reliability, softmax
+from covid_cxr.evaluation.metrics import classification_metrics, ece, reliability, softmax
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_ece_zero_when_perfectly_calibrated():
 
 
 def test_temperature_scaling_reduces_ece_on_overconfident_logits():
-    from covid_cxr.train import fit_temperature
+    from covid_cxr.model.train import fit_temperature
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 2000)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(TESTS / "service"))
 import imgfactory as fx  # noqa: E402
 
 from covid_cxr.config import CLASSES, KAGGLE_ROOT  # noqa: E402
-from covid_cxr.predict import COLUMNS, PROB_COLUMNS, PredictError, ResultsCsv, resolve_model, run_predict  # noqa: E402
+from covid_cxr.serve.predict import COLUMNS, PROB_COLUMNS, PredictError, ResultsCsv, resolve_model, run_predict  # noqa: E402
 
 PER_CLASS = 3
 
@@ -41,7 +41,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    from covid_cxr.model_io import load_model
+    from covid_cxr.model.checkpoint import load_model
 
     return load_model(model_dir)
 
@@ -224,7 +224,7 @@ def test_heatmaps(tmp_path, flat, model):
 def test_same_answers_as_loaded_model_predict(tmp_path, real, model, model_dir):
     """Row by row: the same probabilities, novelty and verdict as one LoadedModel.predict call
     on the same films (decoded by scoring.load_film), whatever the batch size."""
-    from covid_cxr.scoring import load_film, score_paths
+    from covid_cxr.evaluation.scoring import load_film, score_paths
 
     fitted = fx.real_images(2)                                # films the test model was fitted on: verdict ok
     files = [f for c in CLASSES for f in fitted[c] + real[c]]

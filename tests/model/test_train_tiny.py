@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from covid_cxr.config import CLASSES, Paths
-from covid_cxr.model_io import load_model
-from covid_cxr.preprocess import load_gray
+from covid_cxr.model.checkpoint import load_model
+from covid_cxr.data.preprocess import load_gray
 
 
 def test_training_touches_no_network(trained_tiny):
@@ -52,7 +52,7 @@ def test_saved_model_reloads_and_predicts_like_training(trained_tiny):
 
 
 def test_evaluate_writes_metrics_plots_report_and_card(trained_tiny):
-    from covid_cxr.evaluate import evaluate
+    from covid_cxr.evaluation.evaluate import evaluate
 
     root, _, _ = trained_tiny
     p = Paths(root)

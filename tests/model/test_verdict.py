@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from covid_cxr.external import NONE, group_summary
-from covid_cxr.gate import decide
-from covid_cxr.model_io import Novelty
-from covid_cxr.verdict import Policy, decide as verdict, fit_min_confidence
+from covid_cxr.evaluation.external import NONE, group_summary
+from covid_cxr.evaluation.gate import decide
+from covid_cxr.model.checkpoint import Novelty
+from covid_cxr.model.verdict import Policy, decide as verdict, fit_min_confidence
 
 P = np.array([[0.98, 0.01, 0.01], [0.5, 0.3, 0.2], [0.97, 0.02, 0.01], [0.9, 0.05, 0.05]])
 

@@ -36,8 +36,8 @@ def real_images(n_per_class: int) -> list[tuple[Path, int]]:
 def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12, seed: int = 0) -> Path:
     import torch
 
-    from covid_cxr import model_io, models
-    from covid_cxr.preprocess import load_gray
+    from covid_cxr.model import checkpoint as model_io, nets as models
+    from covid_cxr.data.preprocess import load_gray
 
     torch.manual_seed(seed)
     out_dir = Path(out_dir)

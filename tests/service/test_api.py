@@ -35,8 +35,8 @@ def check_prediction(res: dict, model_tag: str) -> None:
 
 def local_predict(model_dir, paths):
     """The same model and preprocessing, in-process: what the service must reproduce."""
-    from covid_cxr.model_io import load_model
-    from covid_cxr.preprocess import load_gray
+    from covid_cxr.model.checkpoint import load_model
+    from covid_cxr.data.preprocess import load_gray
 
     m = load_model(model_dir)
     return m.predict(np.stack([load_gray(p, m.size) for p in paths]))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from covid_cxr.gradcam import colorize, gradcam, overlay, resize_cam, to_png
-from covid_cxr.models import ConcatPool
+from covid_cxr.model.gradcam import colorize, gradcam, overlay, resize_cam, to_png
+from covid_cxr.model.nets import ConcatPool
 
 
 class Tiny(nn.Module):
@@ -106,7 +106,7 @@ def test_colour_map_and_overlay():
 
 def test_real_backbone_shapes():
     """The production architecture: 1280-channel last conv map, map at input size."""
-    from covid_cxr.models import build
+    from covid_cxr.model.nets import build
 
     net = build("mobilenet_v2", pretrained=False).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -10,7 +10,7 @@ import asyncio
 import httpx
 import pytest
 
-from covid_cxr import service
+from covid_cxr.serve import service
 
 
 async def echo_app(scope, receive, send):
@@ -122,7 +122,7 @@ def test_decode_applies_the_configured_limits(monkeypatch, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from covid_cxr.preprocess import ImageError
+    from covid_cxr.data.preprocess import ImageError
 
     monkeypatch.setenv("COVID_CXR_MAX_PIXELS", "10000")
     monkeypatch.setenv("COVID_CXR_MIN_SIDE", "20")

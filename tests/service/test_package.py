@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,8 @@ import yaml
 import svcmodel
 from svckit import base_env, run_cli
 from covid_cxr.config import Paths
-from covid_cxr.package import PackagingError, read_gate
-from covid_cxr.promotion import is_better
+from covid_cxr.release.package import PackagingError, read_gate
+from covid_cxr.release.promotion import is_better
 
 CHAMP = {"accuracy": 0.98, "macro_f1": 0.975, "covid_recall": 0.98}
 
@@ -107,7 +105,7 @@ def test_package_builds_a_bento_pinned_to_the_model(packaged, bentoml_home, test
     by = yaml.safe_load((bdir / "bento.yaml").read_text())
     assert [m["tag"] for s in by["services"] for m in s["models"]] == [rec["model"]]
     assert by["labels"]["gate"] == "passed" and by["labels"]["data_md5"] == meta["data_md5"]
-    for f in ("covid_cxr/service.py", "covid_cxr/preprocess.py", "covid_cxr/gradcam.py",
+    for f in ("covid_cxr/serve/service.py", "covid_cxr/data/preprocess.py", "covid_cxr/model/gradcam.py",
               "covid_cxr/web/index.html", "covid_cxr/web/app.js"):
         assert (bdir / "src" / f).is_file(), f
     reqs = (bdir / "env" / "python" / "requirements.txt").read_text()
@@ -144,7 +142,7 @@ def test_failed_gate_refuses_and_changes_nothing(service_tmp, bentoml_home, test
 
 def test_promote_refuses_a_model_that_failed_the_gate(tmp_path, monkeypatch):
     """Even with --force, a model whose store label says the gate failed never reaches production."""
-    from covid_cxr import release
+    from covid_cxr.release import registry as release
 
     monkeypatch.setattr(release, "describe", lambda tag: {
         "bento": "covid_cxr:x", "model": "covid_cxr:m", "gate": "failed", "metrics": dict(CHAMP)})
@@ -174,7 +172,7 @@ def test_serve_with_a_missing_bento_or_model_dir_says_so(tmp_path):
 
 def test_promotion_compares_with_the_gates_rescored_champion(tmp_path):
     """Same test split for both models: the gate's re-scoring wins over production's old record."""
-    from covid_cxr.promotion import champion_metrics
+    from covid_cxr.release.promotion import champion_metrics
 
     paths = Paths(tmp_path)
     paths.gate.parent.mkdir(parents=True)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_cxr import predlog
-from covid_cxr.predlog import FIELDS, NullPredictionLog, PredictionLog
+from covid_cxr.serve import predlog
+from covid_cxr.serve.predlog import FIELDS, NullPredictionLog, PredictionLog
 
 GOOD = {
     "request_id": uuid.uuid4().hex,
@@ -168,7 +168,7 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path, caplog, monkey
 
     monkeypatch.setattr(PredictionLog, "_append", stuck)
     log = PredictionLog(tmp_path / "p.jsonl", queue_size=5, batch=1)
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.predlog"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.predlog"):
         t0 = time.perf_counter()
         ok = [log.write(GOOD) for _ in range(100)]
         dt = time.perf_counter() - t0
@@ -195,7 +195,7 @@ def test_disk_full_is_logged_once_and_predictions_go_on(tmp_path, caplog, monkey
         real(self, data)
 
     monkeypatch.setattr(PredictionLog, "_write", enospc)
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.predlog"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.predlog"):
         for _ in range(20):
             assert log.write(GOOD) is True  # never raises, never refuses
         assert log.flush(10)
@@ -216,7 +216,7 @@ def test_disk_full_is_logged_once_and_predictions_go_on(tmp_path, caplog, monkey
 def test_an_unwritable_location_is_logged_once_never_raised(tmp_path, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the log folder should be")
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.predlog"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.predlog"):
         log = PredictionLog(blocker / "logs" / "p.jsonl", batch=1)
         for _ in range(5):
             assert log.write(GOOD)

@@ -1,0 +1,1 @@
+"""Data in: decoding, checks, import, split, validation."""

@@ -1,0 +1,148 @@
+"""The one preprocessing path: bytes/file -> greyscale uint8 -> model tensor.
+
+Training (via the decoded-image cache), evaluation and serving all call these
+functions; there is no second copy of the transforms anywhere in the project.
+
+`open_image` reads the Pillow formats in ALLOWED_FORMATS and DICOM (detected by content, see
+`covid_cxr.data.dicom`): a DICOM comes back as an 8-bit `L` image with `format == "DICOM"` (modality
+LUT, VOI LUT / window and MONOCHROME1 already applied), so every caller handles it unchanged.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from covid_cxr.data.dicom import is_dicom, open_dicom
+from covid_cxr.data.errors import ImageError  # noqa: F401 - callers catch preprocess.ImageError
+
+Source = Union[bytes, bytearray, str, Path, BinaryIO]
+
+# Default guards; serving makes them configurable (env vars, see service.py).
+MAX_PIXELS = 100_000_000          # decompression-bomb guard (Pillow only warns below ~179 MP)
+ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "BMP", "TIFF", "GIF", "WEBP", "PPM"}
+
+
+@dataclass(frozen=True)
+class Norm:
+    """Per-channel normalisation applied after scaling uint8 to [0, 1]."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _read_bytes(src: Source) -> bytes:
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src)
+    if isinstance(src, (str, Path)):
+        return Path(src).read_bytes()
+    return src.read()
+
+
+def open_image(src: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode fully and safely, or raise ImageError with a clear reason.
+
+    Checks size *before* decoding pixels, so a decompression bomb costs nothing.
+    Applies the EXIF orientation so rotated phone/JPEG exports come out upright.
+    DICOM (by content, not name) goes through `covid_cxr.data.dicom.open_dicom`.
+    """
+    data = _read_bytes(src)
+    if len(data) == 0:
+        raise ImageError("empty", "the file is empty (0 bytes)")
+    if is_dicom(data):
+        return open_dicom(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        if isinstance(e, Image.DecompressionBombError):
+            raise ImageError("too_large", f"image is too large to decode safely: {e}") from None
+        raise ImageError("not_an_image", "not a readable image (expected PNG, JPEG, BMP, TIFF, WebP or DICOM)") from None
+    except Exception as e:  # pragma: no cover - Pillow raises odd things on garbage
+        raise ImageError("not_an_image", f"not a readable image: {e}") from None
+    if im.format not in ALLOWED_FORMATS:
+        raise ImageError("unsupported_format", f"unsupported image format {im.format}")
+    if getattr(im, "n_frames", 1) > 1 and im.format in {"GIF", "WEBP", "PNG"}:
+        raise ImageError("animated", "animated images are not supported: upload a single frame")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageError(
+            "too_large", f"image is {w}x{h} = {w * h / 1e6:.1f} MP, over the {max_pixels / 1e6:.0f} MP limit"
+        )
+    try:
+        im.load()
+    except Exception as e:
+        raise ImageError("corrupt", f"the image data is truncated or corrupt: {e}") from None
+    fmt = im.format
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:
+        pass  # a broken EXIF block should not reject an otherwise fine image
+    im.format = im.format or fmt  # a transposed copy forgets it; callers (logs, checks) read it
+    return im
+
+
+def to_gray(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> 2-D uint8 greyscale. 16-bit/float data is min-max stretched."""
+    mode = im.mode
+    if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
+        a = np.asarray(im, dtype=np.float32)
+        if a.ndim == 3:
+            a = a.mean(axis=2)
+        lo, hi = float(a.min()), float(a.max())
+        if hi <= lo:
+            return np.zeros(a.shape, np.uint8)
+        return np.clip((a - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    if mode in {"RGBA", "LA", "PA"} or (mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # X-rays: transparent = background = black
+        im = Image.alpha_composite(bg, im)
+    if mode == "CMYK" or im.mode not in {"L", "RGB"}:
+        im = im.convert("RGB")
+    if im.mode != "L":
+        im = im.convert("L")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def resize_gray(gray: np.ndarray, size: int) -> np.ndarray:
+    """Square resize (X-rays here are square already), antialiased."""
+    if gray.shape == (size, size):
+        return gray
+    return np.array(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
+
+
+def load_gray(src: Source, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes or path -> (size, size) uint8. The single entry point for pixels."""
+    return resize_gray(to_gray(open_image(src, max_pixels=max_pixels)), size)
+
+
+def normalize_batch(x, norm: Norm, channels_last: bool = True):
+    """uint8 (B,H,W) / (B,1,H,W) tensor -> float (B,3,H,W), scaled then normalised.
+
+    fastai's training pipeline uses `fastai_normalize(norm)` which is the same
+    affine map (IntToFloatTensor then Normalize).
+    """
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.ndim == 3:
+        x = x[:, None]
+    x = x.float().div_(255.0).expand(-1, 3, -1, -1)
+    mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def fastai_normalize(norm: Norm):
+    """The same normalisation as a fastai batch transform (training side)."""
+    from fastai.vision.all import Normalize
+
+    return Normalize.from_stats(list(norm.mean), list(norm.std))

@@ -1,0 +1,1 @@
+"""Scoring, metrics, reports and the gate."""

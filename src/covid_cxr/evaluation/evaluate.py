@@ -1,0 +1,291 @@
+"""Stage `evaluate`: test-split metrics, calibration, plots, report and model card."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from covid_cxr.config import CLASSES, Paths, load_params
+
+
+def predict_split(model_dir: Path, paths: Paths, split: str = "test", bs: int = 64) -> dict[str, Any]:
+    """Run a saved model over one split of the manifest (shared by evaluate and the champion check)."""
+    import pandas as pd
+    import torch
+    from covid_cxr.progress import tqdm
+
+    from covid_cxr.data.cache import decoded
+    from covid_cxr.model.checkpoint import load_model
+    from covid_cxr.evaluation.scoring import concat
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_model(model_dir)
+    df = pd.read_csv(paths.manifest)
+    df = df[df["split"] == split].reset_index(drop=True)
+    if df.empty:
+        raise RuntimeError(f"the manifest has no {split!r} rows")
+    imgs = decoded(df, model.size, paths.root, paths.cache)
+    # Manifest films passed data check's not-an-X-ray rules in `prepare`: no rule to re-apply.
+    parts = [model.predict(np.asarray(imgs[i:i + bs]))
+             for i in tqdm(range(0, len(df), bs), desc=f"predict {split} ({len(df)})", unit="batch")]
+    y = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    return {"df": df, "y": y, "pred": concat(parts), "temperature": model.temperature,
+            "images": imgs, "model": model, "meta": model.meta}
+
+
+def score(pred: dict[str, Any], n_bins: int = 15) -> dict[str, Any]:
+    from covid_cxr.evaluation.metrics import classification_metrics, ece, softmax
+
+    p = pred["pred"]
+    raw = softmax(p.logits)
+    cal = p.probs
+    m = classification_metrics(pred["y"], cal)
+    m["ece_before"] = ece(raw, pred["y"], n_bins)
+    m["ece_after"] = ece(cal, pred["y"], n_bins)
+    m["temperature"] = float(pred["temperature"])
+    refer = np.array([v == "refer" for v in p.verdict])
+    m["flagged"] = float(refer.mean())
+    m["flagged_by_reason"] = {r: float(np.mean([x == r for x in p.reason])) for r in sorted({x for x in p.reason if x})}
+    m["novelty_flag_rate"] = float(p.novel.mean())
+    ok = ~refer
+    m["accuracy_not_flagged"] = float((cal.argmax(1)[ok] == pred["y"][ok]).mean()) if ok.any() else None
+    return m
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["empty"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _plots(pred, m, raw, cal, out: Path, n_bins: int, root: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from covid_cxr.evaluation.metrics import reliability
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    # confusion matrix
+    cm = np.array(m["confusion"])
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(3), CLASSES, rotation=20)
+    ax.set_yticks(range(3), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(f"Test confusion (acc {m['accuracy']:.4f})")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=110)
+    plt.close(fig)
+    files["confusion"] = "img/confusion.png"
+    # ROC
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    for i, c in enumerate(CLASSES):
+        yi = (pred["y"] == i).astype(int)
+        if 0 < yi.sum() < len(yi):
+            fpr, tpr, _ = roc_curve(yi, cal[:, i])
+            ax.plot(fpr, tpr, label=f"{c} (AUC {m['roc_auc'][c]:.4f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("One-vs-rest ROC (test)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=110)
+    plt.close(fig)
+    files["roc"] = "img/roc.png"
+    # reliability
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    for probs, name in ((raw, f"before (ECE {m['ece_before']:.4f})"), (cal, f"after T={m['temperature']:.2f} "
+                                                                        f"(ECE {m['ece_after']:.4f})")):
+        r = reliability(probs, pred["y"], n_bins)
+        ax.plot([x["confidence"] for x in r], [x["accuracy"] for x in r], "o-", label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability ({n_bins} bins, test)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+    files["reliability"] = "img/reliability.png"
+    # misclassified examples
+    wrong = np.flatnonzero(cal.argmax(1) != pred["y"])
+    if len(wrong):
+        from PIL import Image
+
+        k = min(len(wrong), 24)
+        cols = min(k, 6)
+        rows = (k + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+        for a in axes.ravel():
+            a.axis("off")
+        for a, i in zip(axes.ravel(), wrong[:k]):
+            a.imshow(Image.open(root / pred["df"]["path"][i]).convert("L"), cmap="gray")
+            a.set_title(f"true {CLASSES[pred['y'][i]]}\npred {CLASSES[cal[i].argmax()]} "
+                        f"{cal[i].max():.2f}", fontsize=7)
+    else:  # the file is a stage output: it exists either way
+        fig, ax = plt.subplots(figsize=(3, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified test films", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(out / "misclassified.png", dpi=90)
+    plt.close(fig)
+    files["misclassified"] = "img/misclassified.png"
+    return files
+
+
+def external_section(ext: dict[str, Any] | None, img_prefix: str = "img/") -> list[str]:
+    """The "Outside the training sources" section (report and model card), from external.json."""
+    lines = ["## Outside the training sources", ""]
+    if not ext:
+        return lines + ["Not measured: `external.json` is missing (stage `external`).", ""]
+    g = ext["groups"]
+    conf = ext["confident"]
+    lines += [
+        "Films from sources that none of the training data comes from (`external.dvc`), scored by the same "
+        "code as the service. They are never used to train, calibrate or set a threshold. "
+        f"*Flagged* = verdict `refer` (any reason); *confident and wrong* = a wrong label, not referred, "
+        f"top probability ≥ {conf}.", "",
+        "| group | n | right | flagged | right or flagged | confident and wrong | mean top p | labels given |",
+        "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "—" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    for name, v in g.items():
+        mix = ", ".join(f"{c} {100 * s:.0f} %" for c, s in v["label_mix"].items() if s > 0)
+        lines.append(f"| {name} | {v['n']} | {fmt(v['right'])} | {fmt(v['flagged'])} | {fmt(v['right_or_flagged'])} "
+                     f"| {fmt(v['confident_wrong'])} | {v['mean_top_probability']:.3f} | {mix} |")
+    lines += ["", f"![outcomes]({img_prefix}external_outcomes.png)", "",
+              f"![examples]({img_prefix}external_examples.png)", ""]
+    parts = []
+    u, tb = g.get("unseen_hospital_normal"), g.get("tuberculosis")
+    if u:
+        parts.append(f"On Normal films from a hospital it has never seen, the model is right {fmt(u['right'])} of the "
+                     f"time and refers {fmt(u['flagged'])}; {fmt(u['confident_wrong'])} get a wrong label with high "
+                     "confidence and no warning.")
+    if tb:
+        parts.append(f"Tuberculosis is none of its three classes, so every label it gives is wrong: it refers "
+                     f"{fmt(tb['flagged'])} of those films and is confidently wrong on {fmt(tb['confident_wrong'])}.")
+    parts.append("A refer verdict is a safeguard, not a guarantee: a film that is not referred can still be wrong, "
+                 "and these figures come from a few hundred films of three sources; another hospital can differ. "
+                 "Measure on your own films before any use.")
+    return lines + [" ".join(parts), ""]
+
+
+def probes_section(p: dict[str, Any] | None, accuracy: float) -> list[str]:
+    if not p:
+        return []
+    return [
+        "## Shortcut probes (reported, not gated)", "",
+        f"The central lung field is the box {p['lung_box']} (top, bottom, left, right; "
+        f"{100 * p['box_area_share']:.0f} % of the image).", "",
+        "| probe | value |", "|---|---|",
+        f"| test accuracy, whole film | {accuracy:.4f} |",
+        f"| test accuracy, lung field blanked | {p['accuracy_lung_blanked']:.4f} |",
+        f"| test accuracy, outside of the lung field blanked | {p['accuracy_outside_blanked']:.4f} |",
+        f"| Grad-CAM mass inside the lung field (mean / median) | {p['cam_mass_in_lung_mean']:.3f} / "
+        f"{p['cam_mass_in_lung_median']:.3f} |",
+        "",
+        "Chance is about 0.33–0.44 here. An accuracy well above chance with the lungs blanked means the model "
+        "reads something besides the lungs (borders, markers, the source's look) — the shortcut this dataset "
+        "is known for. Labels given with the lungs blanked: "
+        + ", ".join(f"{c} {100 * v:.0f} %" for c, v in p["label_mix_lung_blanked"].items()) + ".", ""]
+
+
+def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta, ext=None) -> str:
+    lines = [
+        "# Evaluation report (test split)", "",
+        f"Model `{meta.get('arch')}` @ {meta.get('image_size')} px, data md5 `{meta.get('data_md5')}`, "
+        f"git `{(meta.get('git_sha') or 'n/a')[:10]}`, profile `{meta.get('params', {}).get('profile')}`.", "",
+        "| metric | value |", "|---|---|",
+        f"| images | {m['n_test']} |",
+        f"| accuracy | {m['accuracy']:.4f} |",
+        f"| macro-F1 | {m['macro_f1']:.4f} |",
+        f"| COVID sensitivity (recall) | {m['covid_recall']:.4f} |",
+        f"| COVID specificity | {m['covid_specificity']:.4f} |",
+        f"| ROC-AUC (macro, one-vs-rest) | {m['roc_auc']['macro']:.4f} |",
+        f"| ECE before / after temperature ({m['temperature']:.3f}) | {m['ece_before']:.4f} / {m['ece_after']:.4f} |",
+    ]
+    lines.append(f"| referred (verdict refer, any reason) | {m['flagged']:.4f} "
+                 f"({', '.join(f'{k} {v:.4f}' for k, v in m['flagged_by_reason'].items()) or 'none'}) |")
+    if m.get("accuracy_not_flagged") is not None:
+        lines.append(f"| accuracy on the films not referred | {m['accuracy_not_flagged']:.4f} |")
+    lines += ["", "## Per class", "", "| class | precision | recall | F1 | support | ROC-AUC |", "|---|---|---|---|---|---|"]
+    for c in CLASSES:
+        pc = m["per_class"][c]
+        lines.append(f"| {c} | {pc['precision']:.4f} | {pc['recall']:.4f} | {pc['f1']:.4f} | {pc['support']} | "
+                     f"{m['roc_auc'][c]:.4f} |")
+    lines += ["", "## Plots", ""]
+    for k in ("confusion", "roc", "reliability"):
+        lines.append(f"![{k}]({files[k]})")
+    lines += [""] + external_section(ext) + probes_section(m.get("shortcut_probes"), m["accuracy"])
+    wrong = np.flatnonzero(cal.argmax(1) != pred["y"])
+    lines += ["", f"## Misclassified examples ({len(wrong)})", ""]
+    if len(wrong):
+        lines += [f"![misclassified]({files['misclassified']})", "", "| file | true | predicted | confidence |",
+                  "|---|---|---|---|"]
+        for i in wrong:
+            lines.append(f"| `{pred['df']['path'][i]}` | {CLASSES[pred['y'][i]]} | {CLASSES[cal[i].argmax()]} | "
+                         f"{cal[i].max():.3f} |")
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(paths: Paths | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    from covid_cxr.evaluation.metrics import reliability, roc_points, softmax
+    from covid_cxr.evaluation.modelcard import write_model_card
+
+    t0 = time.perf_counter()
+    paths = paths or Paths()
+    params = params if params is not None else load_params(paths.root / "params.yaml")
+    n_bins = int(params.get("evaluate", {}).get("ece_bins", 15))
+    pred = predict_split(paths.model_dir, paths, "test")
+    m = score(pred, n_bins)
+    from covid_cxr.evaluation.probes import shortcut_probes
+
+    m["shortcut_probes"] = shortcut_probes(pred["model"], np.asarray(pred["images"]), pred["y"],
+                                           params["evaluate"]["lung_box"])
+    ext_file = paths.eval_dir / "external.json"
+    ext = json.loads(ext_file.read_text()) if ext_file.exists() else None
+    raw, cal = softmax(pred["pred"].logits), pred["pred"].probs
+    out = paths.eval_dir
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    _write_csv(out / "plots" / "confusion.csv",
+               [{"actual": CLASSES[a], "predicted": CLASSES[b]} for a, b in zip(pred["y"], cal.argmax(1))])
+    _write_csv(out / "plots" / "roc.csv", roc_points(pred["y"], cal))
+    _write_csv(out / "plots" / "reliability.csv", reliability(cal, pred["y"], n_bins))
+    pp = pred["pred"]
+    _write_csv(out / "predictions.csv", [
+        {"path": p, "label": CLASSES[y], "pred": CLASSES[c.argmax()],
+         **{f"p_{k}": round(float(v), 5) for k, v in zip(CLASSES, c)},
+         "novelty": None if pp.novelty is None else round(float(pp.novelty[i]), 4),
+         "verdict": pp.verdict[i], "reason": pp.reason[i] or ""}
+        for i, (p, y, c) in enumerate(zip(pred["df"]["path"], pred["y"], cal))])
+    files = _plots(pred, m, raw, cal, out / "img", n_bins, paths.root)
+    (out / "report.md").write_text(_report(m, files, pred, cal, pred["meta"], ext))
+    write_model_card(paths.model_card, pred["meta"], m, external_section(ext, "eval/img/"))
+    typer.secho(f"✔ test: acc {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  COVID recall "
+                f"{m['covid_recall']:.4f}  ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f}  "
+                f"({time.perf_counter() - t0:.0f} s)  report: {out / 'report.md'}", fg=typer.colors.GREEN)
+    return m
+
+
+def register(app: typer.Typer, data_app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate_cmd() -> None:
+        """Evaluate artifacts/model on the test split: metrics, plots, report, model card."""
+        evaluate()

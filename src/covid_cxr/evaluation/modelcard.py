@@ -1,0 +1,94 @@
+"""Model card (Markdown), one per model, written by the evaluate stage."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from covid_cxr.config import CLASSES
+
+
+def _verdict(meta: dict[str, Any]) -> str:
+    v = meta.get("verdict") or {}
+    nov = v.get("novelty_threshold")
+    return (f"novelty threshold {nov:.2f}" if nov is not None else "no novelty model") + \
+        f", minimum confidence {v.get('min_confidence', 0.0):.3f}"
+
+
+def _resolution(meta: dict[str, Any]) -> str:
+    p = meta.get("params", {})
+    if p.get("final_size") and p.get("final_size") != p.get("size"):
+        return f"{p.get('size')} px, then {p.get('final_size')} px (progressive resizing)"
+    return f"{meta.get('image_size')} px"
+
+
+def render_model_card(meta: dict[str, Any], m: dict[str, Any], external: list[str] | None = None) -> str:
+    p = meta.get("params", {})
+    rows = "\n".join(
+        f"| {c} | {m['per_class'][c]['precision']:.4f} | {m['per_class'][c]['recall']:.4f} | "
+        f"{m['per_class'][c]['f1']:.4f} | {m['per_class'][c]['support']} |" for c in CLASSES)
+    flagged = f"{m['flagged']:.4f}" if "flagged" in m else "n/a"
+    ext = "\n".join(external or [])
+    return f"""# Model card: covid-cxr `{meta.get('arch')}`
+
+## Intended use
+A **research triage aid** that sorts chest X-rays into {", ".join(CLASSES)}, to help researchers
+and data teams prioritise review. **It is not a diagnostic device and must not be used for
+diagnosis or treatment decisions.** Every output needs review by a qualified clinician.
+
+## Model
+- Architecture: `{meta.get('arch')}` (ImageNet-pretrained, from an offline PyPI wheel), fine-tuned with fastai:
+  a frozen phase on cached features, then the top {p.get('unfreeze_groups')} of 4 backbone groups unfrozen
+  at {_resolution(meta)}, one-cycle schedules with discriminative learning rates.
+- Input: greyscale, resized to {meta.get('image_size')} x {meta.get('image_size')} px, replicated to 3 channels,
+  normalised with mean {meta.get('normalize', {}).get('mean')} / std {meta.get('normalize', {}).get('std')}.
+- Profile `{p.get('profile')}`, params hash `{meta.get('params_hash')}`, git `{meta.get('git_sha')}`.
+- Calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split.
+- Training against acquisition shortcuts: each training film is re-processed at random as another site
+  might (unsharp masking, blur, gamma, contrast, partial histogram equalisation, noise, JPEG re-compression),
+  with label smoothing {p.get('label_smoothing', 0)}.
+- **Verdict**: every answer is `ok` or `refer` (`not_an_xray`, `outside_training_data`, `low_confidence`).
+  The novelty score combines the distance of the pooled features (content) and of early-layer activation
+  statistics (acquisition style) from the training films; {_verdict(meta)}; both fitted on the validation split
+  (`verdict` in params.yaml).
+
+## Data
+- Dataset version (DVC `data.dvc` md5): `{meta.get('data_md5')}`.
+- COVID-19 Radiography Database (Chowdhury et al. 2020; Rahman et al. 2021), 256 px greyscale PNGs.
+  Split by near-duplicate group so that no near-identical scans straddle train/valid/test:
+  {meta.get('n_train')} train / {meta.get('n_valid')} valid / {m['n_test']} test images.
+- **Caveat:** the Viral Pneumonia images (and part of Normal) come from the Kermany et al. paediatric
+  set. The model can partly tell that class by the patient's age rather than by pathology; expect
+  worse performance on adult viral pneumonia.
+
+## Performance (held-out test split)
+| metric | value |
+|---|---|
+| accuracy | {m['accuracy']:.4f} |
+| macro-F1 | {m['macro_f1']:.4f} |
+| COVID sensitivity | {m['covid_recall']:.4f} |
+| COVID specificity | {m['covid_specificity']:.4f} |
+| ROC-AUC (macro) | {m['roc_auc']['macro']:.4f} |
+| ECE (15 bins) before / after temperature scaling | {m['ece_before']:.4f} / {m['ece_after']:.4f} |
+| referred (verdict refer), test | {flagged} |
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+{ext}
+## Limitations
+- Trained on one public, curated dataset; images from other hospitals, scanners, projections (lateral, AP
+  portable), or paediatric/adult mixes unlike this one may degrade accuracy without warning.
+- The three classes are not exhaustive: bacterial pneumonia, tuberculosis, lung opacity, effusion, etc.
+  will get one of them or a refer verdict. The refer verdict catches many films unlike the training
+  films, not all: see "Outside the training sources".
+- Labels are dataset-level, not clinically adjudicated per image; source-specific artefacts
+  (text markers, borders, age) can act as shortcuts.
+- Calibrated probabilities are calibrated on this data distribution only.
+"""
+
+
+def write_model_card(path: Path, meta: dict[str, Any], metrics: dict[str, Any],
+                     external: list[str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_model_card(meta, metrics, external))

@@ -1,0 +1,1 @@
+"""The network, its training and what is stored with its weights."""

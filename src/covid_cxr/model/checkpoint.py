@@ -1,0 +1,274 @@
+"""Weights-only model files: `model.safetensors` + `model.json` (+ `ood.safetensors`, the novelty model).
+
+Serving, evaluation and the champion check load models only through here.
+Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from covid_cxr.config import CLASSES
+from covid_cxr.model.nets import CxrNet, build
+from covid_cxr.data.preprocess import Norm, normalize_batch
+from covid_cxr.model.verdict import Policy, decide
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+OOD = "ood.safetensors"
+
+
+@dataclass
+class OodModel:
+    """Distance of pooled features from the training X-rays.
+
+    Class-conditional Mahalanobis distance (shared covariance) inside the top-K PCA subspace,
+    plus the off-subspace residual, scaled so that both parts count alike for training data.
+    Without the residual, inputs whose features leave the subspace (noise, blank frames) would
+    project near the class means and look normal.
+    """
+
+    mean: torch.Tensor        # (D,) feature mean
+    components: torch.Tensor  # (K, D) PCA projection
+    class_means: torch.Tensor # (C, K)
+    precision: torch.Tensor   # (K, K)
+    threshold: float
+    resid_mean: torch.Tensor | None = None  # () mean squared off-subspace residual on train
+
+    def score(self, feats: torch.Tensor) -> torch.Tensor:
+        xc = feats.float() - self.mean
+        z = xc @ self.components.T                                     # (N, K)
+        d = z[:, None, :] - self.class_means[None]                     # (N, C, K)
+        m = torch.einsum("nck,kl,ncl->nc", d, self.precision, d).min(dim=1).values  # squared distance
+        if self.resid_mean is not None:
+            r = (xc - z @ self.components).pow(2).sum(1)
+            m = m + self.components.shape[0] * r / self.resid_mean.clamp_min(1e-12)
+        return m.clamp_min(0).sqrt()
+
+    @classmethod
+    def fit(cls, feats: np.ndarray, labels: np.ndarray, n_components: int = 64) -> "OodModel":
+        x = torch.as_tensor(feats, dtype=torch.float64)
+        mu = x.mean(0)
+        xc = x - mu
+        k = min(n_components, x.shape[1], x.shape[0] - 1)
+        _, _, v = torch.linalg.svd(xc, full_matrices=False)
+        comp = v[:k]
+        z = xc @ comp.T
+        y = torch.as_tensor(labels)
+        cm = torch.stack([z[y == c].mean(0) if (y == c).any() else torch.zeros(k, dtype=z.dtype)
+                          for c in range(len(CLASSES))])
+        r = z - cm[y]
+        cov = r.T @ r / max(len(r) - 1, 1)
+        cov += torch.eye(k, dtype=cov.dtype) * 1e-3 * cov.diagonal().mean()
+        prec = torch.linalg.inv(cov)
+        resid = (xc - z @ comp).pow(2).sum(1).mean()
+        return cls(mu.float(), comp.float(), cm.float(), prec.float(), float("inf"), resid.float())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {"mean": self.mean, "components": self.components,
+             "class_means": self.class_means, "precision": self.precision}
+        if self.resid_mean is not None:
+            t["resid_mean"] = self.resid_mean.reshape(())
+        return t
+
+
+@dataclass
+class EnergyPart:
+    """Energy of the calibrated logits, -T * logsumexp(z / T): high when no class claims the film."""
+
+    temperature: float
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        t = float(self.temperature)
+        return -t * torch.logsumexp(logits.float() / t, dim=1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"temperature": torch.tensor(float(self.temperature))}
+
+
+Part = OodModel | EnergyPart
+INPUTS = {"content": "content", "style": "style", "energy": "logits"}  # part -> the features it scores
+
+
+class Novelty:
+    """How unlike the training films an input is, from one forward pass.
+
+    Parts, each scoring its own features:
+    - `content`: Mahalanobis + residual (OodModel) on the pooled features (what the film shows);
+    - `style`: the same on early-layer activation statistics (how it was acquired and processed;
+      models.STYLE_TAPS);
+    - `energy`: the energy of the temperature-scaled logits (no class claims the film).
+    Each part's score is standardised on the validation split, (s - median) / (quantile - median),
+    the novelty score is the largest standardised part, and `threshold` is that score's validation
+    quantile. Means and covariances come from train; medians, quantiles and threshold from valid.
+    """
+
+    def __init__(self, parts: dict[str, Part], scales: dict[str, float], threshold: float,
+                 centers: dict[str, float] | None = None):
+        self.parts, self.scales, self.threshold = parts, scales, threshold
+        self.centers = centers or {k: 0.0 for k in parts}
+
+    def part_scores(self, content: torch.Tensor, style: torch.Tensor | None = None,
+                    logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        feats = {"content": content, "style": style, "logits": logits}
+        return {k: (m.score(feats[INPUTS[k]]) - self.centers[k]) / self.scales[k]
+                for k, m in self.parts.items() if feats[INPUTS[k]] is not None}
+
+    def score(self, content: torch.Tensor, style: torch.Tensor | None = None,
+              logits: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack(list(self.part_scores(content, style, logits).values())).amax(0)
+
+    @classmethod
+    def fit(cls, train: dict[str, np.ndarray], labels: np.ndarray, valid: dict[str, torch.Tensor],
+            quantile: float, n_components: dict[str, int], parts: tuple[str, ...], temperature: float) -> "Novelty":
+        models: dict[str, Part] = {}
+        for k in parts:
+            if k == "energy":
+                models[k] = EnergyPart(temperature)
+            else:
+                models[k] = OodModel.fit(train[INPUTS[k]], labels, n_components=n_components[k])
+        centers, scales = {}, {}
+        for k, m in models.items():
+            v = m.score(valid[INPUTS[k]])
+            centers[k] = float(torch.quantile(v, 0.5))
+            scales[k] = max(float(torch.quantile(v, quantile)) - centers[k], 1e-6)
+        nov = cls(models, scales, float("inf"), centers)
+        nov.threshold = float(torch.quantile(nov.score(valid["content"], valid.get("style"), valid.get("logits")),
+                                             quantile))
+        return nov
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{k}.{n}": t for k, m in self.parts.items() for n, t in m.tensors().items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "max of standardised parts: " + ", ".join(self.parts), "threshold": self.threshold,
+                "scales": self.scales, "centers": self.centers,
+                "components": {k: int(m.components.shape[0]) for k, m in self.parts.items()
+                               if isinstance(m, OodModel)}}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], desc: dict[str, Any]) -> "Novelty":
+        if "scales" not in desc:  # a model saved before the style part: content only, unscaled
+            m = OodModel(t["mean"], t["components"], t["class_means"], t["precision"], float(desc["threshold"]),
+                         t.get("resid_mean"))
+            return cls({"content": m}, {"content": 1.0}, float(desc["threshold"]))
+        parts: dict[str, Part] = {}
+        for k in desc["scales"]:
+            g = {n.split(".", 1)[1]: v for n, v in t.items() if n.startswith(k + ".")}
+            if k == "energy":
+                parts[k] = EnergyPart(float(g["temperature"]))
+            else:
+                parts[k] = OodModel(g["mean"], g["components"], g["class_means"], g["precision"], float("inf"),
+                                    g.get("resid_mean"))
+        return cls(parts, {k: float(v) for k, v in desc["scales"].items()}, float(desc["threshold"]),
+                   {k: float(v) for k, v in (desc.get("centers") or {}).items()} or None)
+
+
+@dataclass
+class Predictions:
+    """One batch through the model: calibrated probabilities, novelty and the verdict."""
+
+    logits: np.ndarray            # (N, C) raw
+    probs: np.ndarray             # (N, C) after temperature scaling
+    novelty: np.ndarray | None    # (N,) novelty score, None without a novelty model
+    novel: np.ndarray             # (N,) bool: novelty over threshold
+    verdict: list[str]            # "ok" | "refer"
+    reason: list[str | None]      # verdict.REASONS key, None when ok
+
+    @property
+    def labels(self) -> list[str]:
+        return [CLASSES[i] for i in self.probs.argmax(1)]
+
+
+@dataclass
+class LoadedModel:
+    net: CxrNet
+    meta: dict[str, Any]
+    ood: Novelty | None = None
+    channels_last: bool = True
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def norm(self) -> Norm:
+        n = self.meta["normalize"]
+        return Norm(tuple(n["mean"]), tuple(n["std"]))
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("temperature", 1.0))
+
+    @property
+    def policy(self) -> Policy:
+        return Policy.from_meta(self.meta)
+
+    def to_input(self, grays) -> torch.Tensor:
+        """uint8 (B,H,W) at `size` -> normalised float batch."""
+        return normalize_batch(grays, self.norm, self.channels_last)
+
+    @torch.inference_mode()
+    def forward(self, grays) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (raw logits, pooled features, style vector)."""
+        feats, style = self.net.embed(self.to_input(grays))
+        return self.net.head(feats), feats, style
+
+    @torch.inference_mode()
+    def predict(self, grays, not_xray: Sequence[str | None] | None = None) -> Predictions:
+        """Calibrated probabilities, novelty and verdict for a batch of (B,S,S) uint8 films.
+
+        `not_xray[i]`: the data-check rule (`not_xray_colour`, `not_xray_blank`) that image i
+        failed before it was made grey, or None.
+        """
+        logits, feats, style = self.forward(grays)
+        probs = torch.softmax(logits / self.temperature, dim=1).numpy()
+        novelty, novel = None, np.zeros(len(probs), bool)
+        if self.ood is not None:
+            novelty = self.ood.score(feats, style, logits).numpy()
+            novel = novelty > self.ood.threshold
+        verdicts, reasons = decide(probs, novel, self.policy, not_xray)
+        return Predictions(logits.numpy(), probs, novelty, novel, verdicts, reasons)
+
+
+def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: Novelty | OodModel | None = None) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    save_file(sd, str(out_dir / WEIGHTS))
+    meta = dict(meta)
+    meta.setdefault("classes", list(CLASSES))
+    meta["arch"] = net.arch
+    if isinstance(ood, OodModel):
+        ood = Novelty({"content": ood}, {"content": 1.0}, ood.threshold)
+    if ood is not None:
+        save_file({k: v.contiguous() for k, v in ood.tensors().items()}, str(out_dir / OOD))
+        meta["ood"] = ood.describe()
+        meta.setdefault("verdict", {})["novelty_threshold"] = ood.threshold
+    (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def load_meta(model_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / META).read_text())
+
+
+def load_model(model_dir: Path, channels_last: bool = True) -> LoadedModel:
+    model_dir = Path(model_dir)
+    meta = load_meta(model_dir)
+    if tuple(meta.get("classes", CLASSES)) != CLASSES:
+        raise ValueError(f"model classes {meta.get('classes')} differ from {CLASSES}")
+    net = build(meta["arch"], n_classes=len(CLASSES), pretrained=False)
+    net.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    net.eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    ood = None
+    if (model_dir / OOD).exists() and "ood" in meta:
+        ood = Novelty.from_tensors(load_file(str(model_dir / OOD)), meta["ood"])
+    return LoadedModel(net=net, meta=meta, ood=ood, channels_last=channels_last)

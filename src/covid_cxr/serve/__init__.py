@@ -1,0 +1,1 @@
+"""The BentoML service, its page and batch prediction."""
