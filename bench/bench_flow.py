@@ -58,7 +58,7 @@ def main() -> int:
     print(f"building a {kind} project with {a.per_class} images per class in {tmp} ...", flush=True)
     proj = flowkit.make_project(tmp, kind=kind, per_class=a.per_class, params=small)
     os.environ.update({k: proj.env[k] for k in ("PATH", "COVID_CXR_ROOT", "BENTOML_HOME", "BENTOML_DO_NOT_TRACK")})
-    if a.fake:  # no BentoML store behind the fake package stage: fake release.py's two store functions
+    if a.fake:  # no BentoML store behind the fake package stage: fake release/registry.py's two store functions
         import fake_stages
 
         fake_stages.install_release_fakes(proj.root)

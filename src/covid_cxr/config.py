@@ -35,12 +35,13 @@ class Paths:
         self.manifest = self.artifacts / "data" / "manifest.csv"
         self.validation = self.artifacts / "validation"
         self.model_dir = self.artifacts / "model"
+        self.train_curves = self.artifacts / "train"     # DVCLive: per-epoch loss and accuracy
         self.eval_dir = self.artifacts / "eval"
         self.gate = self.artifacts / "gate.json"
         self.model_card = self.artifacts / "model_card.md"
         self.registry = self.root / "registry"          # git-tracked records (promotion.py, inbox.py)
         self.production = self.registry / "production.json"
-        self.bentos = self.registry / "bentos"          # exported Bentos, tracked by DVC (release.py)
+        self.bentos = self.registry / "bentos"          # exported Bentos, tracked by DVC (release/registry.py)
         self.ledger = self.registry / "inbox-ledger.json"
         self.cache = self.root / ".cache" / "covid_cxr"
 
@@ -54,13 +55,13 @@ def load_params(path: Path | str | None = None) -> dict[str, Any]:
 def train_config(params: dict[str, Any]) -> dict[str, Any]:
     """The active training profile merged with the shared train keys."""
     t = params["train"]
-    prof = t.get("profile", "cpu")
+    prof = t["profile"]
     if prof not in t["profiles"]:
         raise ValueError(f"train.profile={prof!r} is not one of {sorted(t['profiles'])}")
     cfg = dict(t["profiles"][prof])
     cfg["profile"] = prof
-    cfg["seed"] = t.get("seed", 42)
-    cfg["augment"] = dict(t.get("augment", {}))
+    cfg["seed"] = t["seed"]
+    cfg["augment"] = dict(t["augment"])
     cfg["label_smoothing"] = t["label_smoothing"]
     cfg["mixup"] = t["mixup"]
     return cfg

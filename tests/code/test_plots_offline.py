@@ -23,6 +23,8 @@ VENDOR = DVC_DIR / "plots" / "vendor"
 DVC = Path(sys.executable).with_name("dvc")
 
 CLASSES = ("COVID", "Normal", "Viral Pneumonia")
+CURVES = {"train/loss": (1.2, 0.8, 0.6, 0.5, 0.45), "valid/loss": (1.0, 0.7, 0.6, 0.55, 0.5),
+          "valid/accuracy": (0.6, 0.8, 0.9, 0.93, 0.95)}
 SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
 
 
@@ -59,6 +61,12 @@ def sample_plots(root: Path) -> None:
     (d / "roc.csv").write_text("\n".join(rows) + "\n")
     (d / "confusion.csv").write_text("actual,predicted\n" + "".join(f"{c},{c}\n" for c in CLASSES * 3))
     (d / "reliability.csv").write_text("bin,lo,hi,confidence,accuracy,count\n0,0.5,0.75,0.6,0.5,4\n1,0.75,1.0,0.9,0.9,9\n")
+    # the train stage's DVCLive curves (artifacts/train/plots/metrics/<name>.tsv), five epochs
+    live = root / "artifacts" / "train" / "plots" / "metrics"
+    for name, values in CURVES.items():
+        f = live / f"{name}.tsv"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"step\t{name.split('/')[-1]}\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
 
 
 @pytest.fixture(scope="module")
@@ -118,34 +126,77 @@ def test_roc_is_drawn_per_class(rendered):
     assert sorted({d["class"] for d in line["data"]["values"]}) == list(CLASSES)
 
 
+def test_training_curves_are_plotted_per_epoch(rendered):
+    specs = _specs(rendered.read_text(encoding="utf-8"))
+    for name, values in CURVES.items():
+        [spec] = [s for s in specs if name in json.dumps(s.get("title")) or name in json.dumps(s.get("data", {}))]
+        rows = [d for d in _values(spec) if "step" in d]
+        assert [int(d["step"]) for d in rows] == list(range(len(values)))
+        assert [float(d[name.split("/")[-1]]) for d in rows] == list(values)
+
+
+def _values(spec: dict) -> list[dict]:
+    out: list[dict] = []
+    stack = [spec]
+    while stack:
+        s = stack.pop()
+        if isinstance(s, dict):
+            if isinstance(s.get("data"), dict) and isinstance(s["data"].get("values"), list):
+                out += s["data"]["values"]
+            stack += list(s.values())
+        elif isinstance(s, list):
+            stack += s
+    return out
+
+
 def test_roc_template_is_referenced_by_the_roc_plot():
     plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]["plots"]
     roc = next(p for p in plots if "artifacts/eval/plots/roc.csv" in p)["artifacts/eval/plots/roc.csv"]
     assert roc["template"] == "roc_by_class" and (DVC_DIR / "plots" / "roc_by_class.json").is_file()
 
 
-@pytest.mark.e2e
-def test_page_draws_three_roc_lines_in_chromium_without_network(rendered, tmp_path):
-    """Headless Chromium with every host unresolvable and a dead proxy: the ROC lines are painted in
-    the first three colours of Vega's category scale."""
+def _shot(rendered: Path, tmp_path: Path, marker: str):
+    """Headless Chromium with every host unresolvable and a dead proxy, on the page's one plot whose
+    div names `marker`: -> RGB pixels (int)."""
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(chromium).exists():
         pytest.skip("no chromium")
     import numpy as np
     from PIL import Image
 
-    roc_only = tmp_path / "roc.html"
+    one = tmp_path / "one.html"
     html = rendered.read_text(encoding="utf-8")
     divs = re.findall(r'<div id = "[^"]*">.*?</div>', html, re.S)
-    [roc_div] = [d for d in divs if "ROC" in d]
+    [div] = [d for d in divs if marker in d]
     head = html.rsplit("<body>", 1)[0]  # the last one: the inlined code may spell "<body>" too
-    roc_only.write_text(f"{head}<body>{roc_div}</body></html>", encoding="utf-8")
+    one.write_text(f"{head}<body>{div}</body></html>", encoding="utf-8")
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
                     "--proxy-server=127.0.0.1:9", "--window-size=600,450", "--virtual-time-budget=8000",
-                    f"--screenshot={shot}", roc_only.as_uri()], capture_output=True, timeout=120, check=True)
-    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+                    f"--screenshot={shot}", one.as_uri()], capture_output=True, timeout=120, check=True)
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def _count(px, hexcol: str) -> int:
+    import numpy as np
+
+    rgb = np.array([int(hexcol[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(px - rgb).sum(axis=2) < 60).sum())
+
+
+@pytest.mark.e2e
+def test_page_draws_three_roc_lines_in_chromium_without_network(rendered, tmp_path):
+    """The ROC lines are painted in the first three colours of Vega's category scale."""
+    px = _shot(rendered, tmp_path, "ROC")
     for hexcol in ("#4c78a8", "#f58518", "#e45756"):  # tableau10: COVID, Normal, Viral Pneumonia
-        rgb = np.array([int(hexcol[i:i + 2], 16) for i in (1, 3, 5)])
-        n = int((np.abs(px - rgb).sum(axis=2) < 60).sum())
+        n = _count(px, hexcol)
         assert n > 150, f"{hexcol}: {n} pixels (no line?)"
+
+
+@pytest.mark.e2e
+def test_page_draws_the_training_curves_in_chromium_without_network(rendered, tmp_path):
+    """Each DVCLive curve (train loss, valid loss, valid accuracy) is a painted line."""
+    for name in CURVES:
+        px = _shot(rendered, tmp_path, f"artifacts/train/plots/metrics/{name}.tsv")
+        n = _count(px, "#945dd6")  # DVC's colour for the workspace revision
+        assert n > 100, f"{name}: {n} pixels of line (nothing drawn?)"

@@ -3,7 +3,7 @@
 The tests run REAL dvc and a REAL Prefect server over a temp project whose dvc.yaml calls
 this script instead of `covid-cxr <stage>`, so that a "training" takes milliseconds (or waits
 to be killed) and the metrics the gate sees are set in params.yaml (`fake.metrics`).
-Also acts as `covid-cxr package`, and `release_fakes` stand in for the two release.py
+Also acts as `covid-cxr package`, and `release_fakes` stand in for the two release/registry.py
 functions that need a BentoML store (`describe`, `export_bento`): the promotion rule, the
 production record, `dvc add` / `dvc push` of the "export" and the git commit stay real.
 

@@ -1,7 +1,7 @@
 """Fault behaviour of the retraining flow, with REAL dvc and a REAL (temporary) Prefect server.
 
 Only the pipeline stages are fakes (tests/flows/fake_stages.py: milliseconds instead of a
-training run; metrics set in params.yaml), `covid-cxr package` (no Bento build) and release.py's
+training run; metrics set in params.yaml), `covid-cxr package` (no Bento build) and release/registry.py's
 two BentoML-store functions; the promotion rule, the production record, `dvc add`/`dvc push`
 of the export and git stay real. The real chain runs in test_schedule_e2e.py.
 """
@@ -222,7 +222,7 @@ def test_cli_runs_the_flow_once_and_pushes_to_a_remote_path(prefect_api, fake_pr
     champion = fake_project.seed_champion({**GOOD_METRICS, "macro_f1": GOOD_METRICS["macro_f1"] + 0.002})
     env = {**fake_project.env, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
 
-    # flows/retrain.py's main(), with release.py's two BentoML-store functions faked in that process
+    # flows/retrain.py's main(), with release/registry.py's two BentoML-store functions faked in that process
     code = (f"import sys; sys.path[:0] = [{str(MAIN / 'flows')!r}, {str(MAIN / 'tests' / 'flows')!r}]; "
             f"import fake_stages; fake_stages.install_release_fakes({str(fake_project.root)!r}); "
             "import retrain; sys.exit(retrain.main(sys.argv[1:]))")

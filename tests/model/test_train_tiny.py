@@ -70,3 +70,20 @@ def test_evaluate_writes_metrics_plots_report_and_card(trained_tiny):
     assert 0 <= m["flagged"] <= 1 and "shortcut_probes" in m
     report = (p.eval_dir / "report.md").read_text()
     assert "Shortcut probes" in report and "Outside the training sources" in report
+
+
+def test_training_curves_go_to_dvclive(trained_tiny):
+    """One DVCLive step per unfrozen epoch, with the losses and accuracy fastai recorded (model.json history)."""
+    root, meta, _ = trained_tiny
+    live = Paths(root).train_curves
+    history = meta["history"]
+    assert len(history) >= 1
+    for name, key in (("train/loss", "train_loss"), ("valid/loss", "valid_loss"), ("valid/accuracy", "valid_accuracy")):
+        lines = (live / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+        header, rows = lines[0].split("\t"), [r.split("\t") for r in lines[1:]]
+        assert header[:2] == ["step", name.split("/")[-1]]
+        assert [int(r[0]) for r in rows] == list(range(len(history)))
+        assert np.allclose([float(r[1]) for r in rows], [h[key] for h in history])
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["step"] == len(history) - 1 and summary["valid"]["accuracy"] == history[-1]["valid_accuracy"]
+    assert summary["final"]["valid_accuracy"] == meta["valid_accuracy"]

@@ -148,8 +148,8 @@ def build_manifest(
     paths = Paths(root)
     params = params if params is not None else load_params(paths.root / "params.yaml")
     limits = Limits.from_params(params)
-    pp = params.get("prepare", {})
-    data_root = paths.root / params.get("data", {}).get("root", "data/COVID-19_Radiography_Dataset")
+    pp = params["prepare"]
+    data_root = paths.root / params["data"]["root"]
     if not data_root.is_dir():
         raise FileNotFoundError(f"{data_root} does not exist: run `dvc pull` (or `covid-cxr data import`) first")
     files = scan_source(data_root).files
@@ -159,8 +159,8 @@ def build_manifest(
     labels = [f.label or (f.folder or "") for f in files]
     groups = group_ids([s["sha256"] for s in stats], [s["dhash"] for s in stats], limits.near_dup_bits,
                        [s.get("thumb") for s in stats], limits.near_dup_corr)
-    splits = assign_splits(groups, labels, int(pp.get("seed", 42)), float(pp.get("valid_frac", 0.15)),
-                           float(pp.get("test_frac", 0.15)))
+    splits = assign_splits(groups, labels, int(pp["seed"]), float(pp["valid_frac"]),
+                           float(pp["test_frac"]))
     rows = []
     for f, st, lab, g, sp in zip(files, stats, labels, groups, splits):
         rows.append(

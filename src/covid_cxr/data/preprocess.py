@@ -122,27 +122,39 @@ def load_gray(src: Source, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarra
     return resize_gray(to_gray(open_image(src, max_pixels=max_pixels)), size)
 
 
-def normalize_batch(x, norm: Norm, channels_last: bool = True):
-    """uint8 (B,H,W) / (B,1,H,W) tensor -> float (B,3,H,W), scaled then normalised.
+def normalize(x, norm: Norm):
+    """Float (B,1|3,H,W) in [0, 1] -> (B,3,H,W): grey to three channels, minus mean, over std.
 
-    fastai's training pipeline uses `fastai_normalize(norm)` which is the same
-    affine map (IntToFloatTensor then Normalize).
-    """
+    The one normalisation: serving and evaluation reach it through `normalize_batch`, training
+    through `fastai_normalize` (after its augmentation, which works on [0, 1] floats)."""
+    import torch
+
+    mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+def normalize_batch(x, norm: Norm, channels_last: bool = True):
+    """uint8 (B,H,W) / (B,1,H,W) -> float (B,3,H,W): scaled to [0, 1], then `normalize`."""
     import torch
 
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x))
     if x.ndim == 3:
         x = x[:, None]
-    x = x.float().div_(255.0).expand(-1, 3, -1, -1)
-    mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = normalize(x.float().div_(255.0), norm)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 def fastai_normalize(norm: Norm):
-    """The same normalisation as a fastai batch transform (training side)."""
-    from fastai.vision.all import Normalize
+    """`normalize` as a fastai batch transform, at the place of fastai's own Normalize (order 99:
+    after IntToFloatTensor and the augmentation). Images only; labels pass through."""
+    from fastai.vision.all import TensorImage, Transform
 
-    return Normalize.from_stats(list(norm.mean), list(norm.std))
+    class SharedNormalize(Transform):
+        order = 99
+
+        def encodes(self, x):  # type: ignore[override]
+            return normalize(x, norm) if isinstance(x, TensorImage) else x
+
+    return SharedNormalize()

@@ -1,6 +1,6 @@
 """Stage `validate`: a Great Expectations suite over artifacts/data/manifest.csv.
 
-Three frames are validated, all with GX (pandas datasource, ephemeral context):
+Four frames are validated, all with GX (pandas datasource, ephemeral context):
 - `manifest`: one row per image (label set, unique sha256/path, decodable, size bounds, modes, splits);
 - `classes`: one row per class, derived (count >= min_per_class, share within validate.class_fraction);
 - `splits`: one row per split and one per (class, split), derived (fraction within

@@ -23,7 +23,6 @@ def predict_split(model_dir: Path, paths: Paths, split: str = "test", bs: int = 
     from covid_cxr.model.checkpoint import load_model
     from covid_cxr.evaluation.scoring import concat
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(model_dir)
     df = pd.read_csv(paths.manifest)
     df = df[df["split"] == split].reset_index(drop=True)
@@ -251,7 +250,7 @@ def evaluate(paths: Paths | None = None, params: dict[str, Any] | None = None) -
     t0 = time.perf_counter()
     paths = paths or Paths()
     params = params if params is not None else load_params(paths.root / "params.yaml")
-    n_bins = int(params.get("evaluate", {}).get("ece_bins", 15))
+    n_bins = int(params["evaluate"]["ece_bins"])
     pred = predict_split(paths.model_dir, paths, "test")
     m = score(pred, n_bins)
     from covid_cxr.evaluation.probes import shortcut_probes

@@ -98,7 +98,7 @@ def gate(paths: Paths | None = None, params: dict[str, Any] | None = None) -> di
     metrics = json.loads(metrics_file.read_text())
     ext_file = paths.eval_dir / "external.json"
     external = json.loads(ext_file.read_text()) if ext_file.exists() else None
-    champion = champion_on_split(paths, int(params.get("evaluate", {}).get("ece_bins", 15)))
+    champion = champion_on_split(paths, int(params["evaluate"]["ece_bins"]))
     result = decide(metrics, params["gate"], champion, external)
     result.update({
         "metrics": {k: metrics.get(k) for k in (*KEY_METRICS, "covid_specificity", "ece_after", "ece_before",

@@ -122,7 +122,7 @@ class Acquisition:
         unknown = set(cfg) - set(OPS)
         if unknown:
             raise ValueError(f"unknown acquisition ops {sorted(unknown)}; known: {sorted(OPS)}")
-        self.ops = [(name, OPS[name], spec) for name, spec in cfg.items() if float(spec.get("p", 0)) > 0]
+        self.ops = [(name, OPS[name], spec) for name, spec in cfg.items() if float(spec["p"]) > 0]
 
     def __bool__(self) -> bool:
         return bool(self.ops)

@@ -102,7 +102,7 @@ class Novelty:
     Parts, each scoring its own features:
     - `content`: Mahalanobis + residual (OodModel) on the pooled features (what the film shows);
     - `style`: the same on early-layer activation statistics (how it was acquired and processed;
-      models.STYLE_TAPS);
+      nets.STYLE_TAPS);
     - `energy`: the energy of the temperature-scaled logits (no class claims the film).
     Each part's score is standardised on the validation split, (s - median) / (quantile - median),
     the novelty score is the largest standardised part, and `threshold` is that score's validation

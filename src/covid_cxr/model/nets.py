@@ -78,7 +78,7 @@ _BUILDERS = {"mobilenet_v2": _mobilenet_v2, "efficientnet_lite0": _efficientnet_
 
 # Early body modules whose activation statistics describe how a film was acquired and
 # processed (sharpness, noise, contrast) rather than what it shows: the "style" half of the
-# novelty score (model_io.Novelty). mobilenet_v2: after the first inverted residual (16 ch,
+# novelty score (checkpoint.Novelty). mobilenet_v2: after the first inverted residual (16 ch,
 # 1/2 res), the 24-ch (1/4) and 32-ch (1/8) stages; efficientnet_lite0: its first three block stages.
 STYLE_TAPS = {"mobilenet_v2": (1, 3, 6), "efficientnet_lite0": (2, 3, 4)}
 

@@ -1,23 +1,21 @@
 """Stage `train`: fastai transfer learning, built to be fast on a 2-core CPU.
 
-Recipe (each choice is measured in bench/bench_train.py):
-1. decoded-image cache: PNGs are decoded once per size (datacache.py);
-2. frozen phase on cached body features: the head trains on pooled features
-   computed once, instead of re-running the frozen backbone every epoch;
-3. partial unfreezing: only the top `unfreeze_groups` backbone groups train,
-   lower groups stay frozen *and* in eval mode, so no backward pass reaches them;
-4. one-cycle schedules with discriminative learning rates;
-5. channels_last tensors (+~25% img/s on CPU); torch.compile is a param (off:
-   it measured no gain here and costs minutes of compile time).
-Then: temperature scaling fitted on valid, and an OOD model fitted on train features.
+Recipe (params.yaml `train`; speed choices measured in bench/bench_train.py):
+1. decoded-image cache: films are decoded once per size (data/cache.py);
+2. frozen phase on cached body features: the head trains on pooled features computed once,
+   instead of re-running the frozen backbone every epoch;
+3. unfrozen phase: the top `unfreeze_groups` backbone groups train (the cpu profile unfreezes
+   all four), groups left frozen stay in eval mode; discriminative learning rates, one-cycle
+   schedules, label smoothing, radiograph-safe augmentation plus another site's processing
+   (model/augment.py); progressive resizing when the profile names a `final_size`;
+4. channels_last tensors (+~25% img/s on CPU); torch.compile is a param (off: no gain here).
+Then, on train and valid only: temperature scaling, the novelty model and the refer thresholds.
+Per-epoch loss and accuracy go to DVCLive (artifacts/train/: `dvc plots show`, `dvc exp show`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import numpy as np
 import typer
 
 from covid_cxr.config import CLASSES, Paths, load_params, train_config
+from covid_cxr.provenance import data_md5, git_sha, params_hash
 
 
 def seed_everything(seed: int) -> None:
@@ -34,28 +33,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def data_md5(root: Path) -> str | None:
-    import yaml
-
-    f = root / "data.dvc"
-    if not f.exists():
-        return None
-    outs = (yaml.safe_load(f.read_text()) or {}).get("outs") or [{}]
-    return outs[0].get("md5")
-
-
-def git_sha(root: Path) -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def params_hash(cfg: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class _CacheDS:
@@ -93,12 +70,12 @@ def batch_tfms(cfg: dict[str, Any], norm, split_idx: int):
     aug = cfg["augment"]
     tfms = [IntToFloatTensor()]
     tfms += aug_transforms(
-        do_flip=bool(aug.get("flip_horizontal", False)), flip_vert=False,
-        max_rotate=float(aug.get("max_rotate", 7.0)), max_zoom=float(aug.get("max_zoom", 1.1)),
-        max_lighting=float(aug.get("max_lighting", 0.2)), max_warp=0.0, p_affine=0.75, p_lighting=0.75,
+        do_flip=bool(aug["flip_horizontal"]), flip_vert=False,
+        max_rotate=float(aug["max_rotate"]), max_zoom=float(aug["max_zoom"]),
+        max_lighting=float(aug["max_lighting"]), max_warp=0.0, p_affine=0.75, p_lighting=0.75,
     )
     tfms.append(fastai_normalize(norm))
-    if cfg.get("channels_last", True):
+    if cfg["channels_last"]:
         class ChannelsLast(Transform):
             order = 100
 
@@ -115,7 +92,7 @@ def image_dls(cache: np.ndarray, labels: np.ndarray, tr: np.ndarray, va: np.ndar
     from covid_cxr.model.augment import Acquisition
 
     bs = int(cfg["batch_size"])
-    workers = int(cfg.get("workers", 0))
+    workers = int(cfg["workers"])
     acq = Acquisition(cfg["augment"].get("acquisition"))
     tdl = DataLoader(_CacheDS(cache[tr], labels[tr], acq, seed), bs=bs, shuffle=True, drop_last=True,
                      num_workers=workers, after_batch=batch_tfms(cfg, norm, 0))
@@ -159,6 +136,30 @@ def fit_temperature(logits, labels) -> float:
 
     opt.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def live_curves(out_dir: Path):
+    """A DVCLive logger for the per-epoch curves, and the fastai callback that feeds it."""
+    from dvclive import Live
+    from fastai.callback.core import Callback
+
+    live = Live(dir=str(out_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+
+    class LiveCurves(Callback):
+        order = 60  # after fastai's Recorder (50) holds the epoch's values
+
+        def __init__(self, size: int):
+            self.size = size
+
+        def after_epoch(self):
+            train_loss, valid_loss, acc = (float(v) for v in self.learn.recorder.values[-1][:3])
+            live.log_metric("train/loss", train_loss)
+            live.log_metric("valid/loss", valid_loss)
+            live.log_metric("valid/accuracy", acc)
+            live.log_metric("image_size", self.size, plot=False)
+            live.next_step()
+
+    return live, LiveCurves
 
 
 def _timed(name: str, timings: dict[str, float]):
@@ -213,7 +214,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         raise RuntimeError("the manifest has no train or no valid rows: run `covid-cxr prepare`")
     size = int(cfg["size"])
     norm = arch_norm(cfg["arch"])
-    cl = bool(cfg.get("channels_last", True))
+    cl = bool(cfg["channels_last"])
 
     with _timed("decode cache", timings):
         cache = decoded(df, size, paths.root, paths.cache, workers=os.cpu_count() or 1)
@@ -247,14 +248,15 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
                 g.eval()
 
     history: list[dict[str, float]] = []
+    live, LiveCurves = live_curves(paths.train_curves)
     lr = float(cfg["lr_max"])
     eps = float(cfg["label_smoothing"])
     loss_func = LabelSmoothingCrossEntropyFlat(eps=eps) if eps > 0 else CrossEntropyLossFlat()
     mix = float(cfg["mixup"])
     final_size = int(cfg.get("final_size") or size)
     stages = [(size, int(cfg["unfrozen_epochs"]), lr)]
-    if final_size != size and int(cfg.get("final_epochs", 0)) > 0:  # progressive resizing
-        stages.append((final_size, int(cfg["final_epochs"]), lr * float(cfg.get("final_lr_scale", 0.5))))
+    if final_size != size and int(cfg["final_epochs"]) > 0:  # progressive resizing (profiles with final_size)
+        stages.append((final_size, int(cfg["final_epochs"]), lr * float(cfg["final_lr_scale"])))
     for st_size, epochs, st_lr in stages:
         if epochs <= 0:
             continue
@@ -262,12 +264,12 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
             st_cache = cache if st_size == size else decoded(df, st_size, paths.root, paths.cache,
                                                               workers=os.cpu_count() or 1)
             dls = image_dls(st_cache, labels, tr, va, cfg, norm, seed=int(cfg["seed"]) + st_size)
-            cbs = [FrozenInEval()] + ([MixUp(mix)] if mix > 0 else [])
+            cbs = [FrozenInEval(), LiveCurves(st_size)] + ([MixUp(mix)] if mix > 0 else [])
             learn = Learner(dls, net, loss_func=loss_func, metrics=accuracy,
                             splitter=lambda m: m.param_groups(), train_bn=False, cbs=cbs)
             quiet_fastai_if_not_tty(learn)
             learn.freeze_to(-(k + 1))
-            if cfg.get("compile"):
+            if cfg["compile"]:
                 learn.model = torch.compile(learn.model)
             learn.fit_one_cycle(epochs, lr_max=slice(st_lr / float(cfg["lr_div"]), st_lr))
             for row in learn.recorder.values:
@@ -311,6 +313,8 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     save_model(net, meta, paths.model_dir, ood=ood)
+    live.summary["final"] = {"valid_accuracy": valid_acc, "temperature": temperature}  # after calibration
+    live.end()
     total = time.perf_counter() - t0
     typer.secho(f"✔ model -> {paths.model_dir}  valid acc {valid_acc:.4f}  T={temperature:.3f}  "
                 f"novelty threshold {ood.threshold:.2f}  min confidence {min_conf:.3f}  ({total:.0f} s)", fg=typer.colors.GREEN)

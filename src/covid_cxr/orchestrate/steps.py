@@ -1,6 +1,6 @@
 """Package-side helpers for the retraining flow (flows/retrain.py).
 
-The flow is a thin Prefect shell; everything it does is here (and in inbox.py, release.py,
+The flow is a thin Prefect shell; everything it does is here (and in inbox.py, release/registry.py,
 runsummary.py), over the same entry points dvc.yaml uses (`dvc`, `covid-cxr ...`) plus the
 in-process `imagecheck` / `dataimport` / `release` functions. No Prefect import here:
 these helpers run (and are tested) without a Prefect server.

@@ -1,5 +1,5 @@
 """Packaging: the last pipeline step (dvc stage `package`). It builds and registers; it never
-promotes (promotion is a decision: `covid-cxr promote`, release.py + promotion.py).
+promotes (promotion is a decision: `covid-cxr promote`, release/registry.py + promotion.py).
 
     covid-cxr package [--if-passed]     gate check -> model store -> bentoml build -> bento.json
 
@@ -26,6 +26,7 @@ import typer
 
 from covid_cxr.config import Paths, load_params
 from covid_cxr.jsonio import write_json_atomic
+from covid_cxr.provenance import git_sha, params_hash
 from covid_cxr.release.promotion import KEY_METRICS
 from covid_cxr.release.promotion import now as _now
 
@@ -59,23 +60,20 @@ def _clean(obj: Any) -> Any:
 
 
 def _git_sha(root: Path) -> str:
-    from covid_cxr.model.train import git_sha
-
     return git_sha(root) or "unknown"
 
 
-def params_hash(meta: dict[str, Any], root: Path) -> str:
-    """The params hash the train stage recorded in model.json (one definition: train.params_hash)."""
+def _params_hash(meta: dict[str, Any], root: Path) -> str:
+    """The params hash the train stage recorded in model.json; for an older model.json without
+    one, the same hash over today's params."""
     if meta.get("params_hash"):
         return str(meta["params_hash"])
-    from covid_cxr.model.train import params_hash as _hash
-
     try:
         p = load_params(root / "params.yaml")
         params = {k: p.get(k) for k in ("train", "evaluate", "gate")}
     except OSError:
         params = {}
-    return _hash(params)
+    return params_hash(params)
 
 
 def _env() -> dict[str, str]:
@@ -148,7 +146,7 @@ def save_model(paths: Paths, gate: dict[str, Any], metrics: dict[str, Any]) -> s
     labels = {
         "data_md5": str(meta.get("data_md5") or "unknown"),
         "git_sha": str(meta.get("git_sha") or _git_sha(paths.root)),
-        "params_hash": params_hash(meta, paths.root),
+        "params_hash": _params_hash(meta, paths.root),
         "gate": "passed",
         "arch": str(meta.get("arch")),
         "image_size": str(meta.get("image_size")),

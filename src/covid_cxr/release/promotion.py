@@ -26,7 +26,7 @@ The record (one JSON object; `git log -p registry/production.json` is its full h
     data_md5, git_sha, params_hash   what the model was built from
     history            the previous entries, newest first (no nested history)
 Nothing here talks to BentoML, DVC or git except `store_model_path` (a store lookup); sharing
-the record and the Bento is release.py's job.
+the record and the Bento is release/registry.py's job.
 """
 from __future__ import annotations
 
