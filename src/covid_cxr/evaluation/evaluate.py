@@ -16,7 +16,6 @@ from covid_cxr.config import CLASSES, Paths, load_params
 def predict_split(model_dir: Path, paths: Paths, split: str = "test", bs: int = 64) -> dict[str, Any]:
     """Run a saved model over one split of the manifest (shared by evaluate and the champion check)."""
     import pandas as pd
-    import torch
     from covid_cxr.progress import tqdm
 
     from covid_cxr.data.cache import decoded
