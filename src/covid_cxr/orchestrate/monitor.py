@@ -332,13 +332,13 @@ def verdict_line(report: dict[str, Any]) -> str:
 
 def log_files(log_path: Path | str) -> list[Path]:
     """The log and its rotated files; a `{pid}` in the name matches every process's log."""
-    from covid_cxr.serve import predlog
+    from covid_cxr.serve.predrecord import rotated_paths
 
     log_path = Path(log_path)
     if "{pid}" not in log_path.name:
-        return predlog.rotated_paths(log_path)
+        return rotated_paths(log_path)
     bases = sorted(log_path.parent.glob(log_path.name.replace("{pid}", "*"))) if log_path.parent.is_dir() else []
-    return [p for b in bases for p in predlog.rotated_paths(b)]
+    return [p for b in bases for p in rotated_paths(b)]
 
 
 def run_monitor(
@@ -355,7 +355,7 @@ def run_monitor(
     plots: bool = True,
 ) -> dict[str, Any]:
     """Run every test, write the JSON report and its page (`<report>.md` + `<report>_img/*.png`)."""
-    from covid_cxr.serve import predlog
+    from covid_cxr.serve import predlog, predrecord
 
     paths = Paths(Path(root) if root else None)
     params = params if params is not None else load_params(paths.root / "params.yaml")
@@ -373,7 +373,7 @@ def run_monitor(
 
     since_t = parse_when(since if since is not None else s["window"], now)
     until_t = parse_when(until, now)
-    win, window = window_rows(predlog.read_files(files), since_t, until_t)
+    win, window = window_rows(predrecord.read_files(files), since_t, until_t)
     ref = reference_rows(reference, manifest)
 
     report: dict[str, Any] = {
