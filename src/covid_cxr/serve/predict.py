@@ -102,18 +102,21 @@ def _label_of(rel_dirs: Sequence[str]) -> str | None:
 
 
 def check_zip(zf: zipfile.ZipFile, dest: Path) -> None:
-    """Refuse an archive that would unpack to more than the caps or the free disk space."""
+    """Refuse an archive that would unpack to more than the caps or the free disk space.
+
+    The caps above go through `data import`'s header check (archive.check_zip_headers).
+    """
+    from covid_cxr.data.archive import UnsafeArchive, ZipLimits, check_zip_headers
+
     infos = [m for m in zf.infolist() if not m.is_dir()]
-    if len(infos) > ZIP_MAX_MEMBERS:
-        raise PredictError(f"the zip holds {len(infos):,} files, over the {ZIP_MAX_MEMBERS:,} limit")
+    limits = ZipLimits(max_total_bytes=ZIP_MAX_BYTES, max_member_bytes=ZIP_MAX_BYTES, max_ratio=ZIP_MAX_RATIO,
+                       ratio_min_bytes=1 << 20, max_members=ZIP_MAX_MEMBERS,
+                       names=("COVID_CXR_ZIP_MAX_GB", "COVID_CXR_ZIP_MAX_GB", "the predict limit"))
+    try:
+        check_zip_headers(infos, limits)
+    except UnsafeArchive as e:
+        raise PredictError(str(e)) from None
     total = sum(m.file_size for m in infos)
-    if total > ZIP_MAX_BYTES:
-        raise PredictError(f"the zip unpacks to {total / 1024 ** 3:.1f} GiB, over the "
-                           f"{ZIP_MAX_BYTES / 1024 ** 3:g} GiB limit (COVID_CXR_ZIP_MAX_GB)")
-    for m in infos:
-        if m.file_size > (1 << 20) and m.file_size > ZIP_MAX_RATIO * max(m.compress_size, 1):
-            raise PredictError(f"zip member {m.filename!r} expands {m.file_size / max(m.compress_size, 1):.0f}x: "
-                               "refusing a likely zip bomb")
     free = shutil.disk_usage(dest).free
     if total > free * 0.9:
         raise PredictError(f"the zip unpacks to {total / 1e9:.1f} GB but {dest} has {free / 1e9:.1f} GB free "
