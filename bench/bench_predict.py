@@ -59,7 +59,8 @@ def main() -> None:
     import torch
 
     from covid_cxr.model.checkpoint import load_model
-    from covid_cxr.serve.predict import collect, default_threads, resolve_model, run_predict
+    from covid_cxr.serve.predict import default_threads, resolve_model, run_predict
+    from covid_cxr.serve.predictinput import collect
     from covid_cxr.evaluation.scoring import load_film
 
     args.threads = args.threads or default_threads()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from covid_cxr.serve import predlog  # noqa: E402
+from covid_cxr.serve import predrecord  # noqa: E402
 from covid_cxr.serve.predlog import PredictionLog  # noqa: E402
 
 
@@ -68,14 +68,14 @@ def caller_and_writer(path: Path, recs: list[dict], max_mb: float) -> dict:
 
 
 def _bytes_per_line(path: Path) -> float:
-    files = predlog.rotated_paths(path)
+    files = predrecord.rotated_paths(path)
     n = sum(len(p.read_bytes().splitlines()) for p in files)
     return sum(p.stat().st_size for p in files) / max(1, n)
 
 
 def parts(recs: list[dict]) -> dict:
     t0 = time.perf_counter()
-    clean = [predlog.sanitize(r)[0] for r in recs]
+    clean = [predrecord.sanitize(r)[0] for r in recs]
     t1 = time.perf_counter()
     for c in clean:
         json.dumps(c, separators=(",", ":"), allow_nan=False)

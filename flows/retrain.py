@@ -1,6 +1,6 @@
 """Retraining flow: inbox -> sync -> ingest -> version -> rebuild -> gate -> package -> promote -> summary.
 
-A thin Prefect 3 shell over `covid_cxr.orchestrate.steps` / `covid_cxr.orchestrate.inbox` / `covid_cxr.release.registry`
+A thin Prefect 3 shell over `covid_cxr.orchestrate.steps` / `covid_cxr.orchestrate.inbox` / `covid_cxr.orchestrate.ingest` / `covid_cxr.release.registry`
 (which drive `dvc`, `git` and `covid-cxr`, the same entry points dvc.yaml and people use).
 Run once from the project root:
 
@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
 from covid_cxr.orchestrate import inbox as inbox_mod  # noqa: E402
+from covid_cxr.orchestrate.ingest import ingest_batch  # noqa: E402
 from covid_cxr.orchestrate import steps as orch  # noqa: E402
 from covid_cxr.config import Paths, project_root  # noqa: E402
 
@@ -80,7 +81,7 @@ def sync(root: str, remote: str | None) -> None:
 @task(name="ingest", retries=1, retry_delay_seconds=LOCAL_DELAYS, cache_policy=NO_CACHE)
 def ingest(batch: str, root: str) -> dict[str, Any]:
     """Check a batch; merge accepted files into data/; copy rejected ones to quarantine."""
-    return orch.ingest_batch(batch, Path(root), log=_log())
+    return ingest_batch(batch, Path(root), log=_log())
 
 
 @task(name="dvc-add", retries=1, retry_delay_seconds=LOCAL_DELAYS, cache_policy=NO_CACHE)

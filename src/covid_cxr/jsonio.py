@@ -14,3 +14,10 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def read_json(path) -> Any | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

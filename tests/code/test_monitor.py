@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import monitorkit as mk
-from covid_cxr.orchestrate import monitor
+from covid_cxr.orchestrate import drift, driftsamples, monitor
 from covid_cxr.cli import app
 
 N_REF, N_WIN = 1500, 600
@@ -36,7 +36,7 @@ def test_no_drift(proj):
     rep = run(proj, log, plots=True)
     assert rep["status"] == "ok", rep["verdict"]
     assert rep["drifted"] == []
-    assert set(rep["tests_run"]) == set(monitor.TESTS)
+    assert set(rep["tests_run"]) == set(drift.TESTS)
     assert rep["window"]["n"] == N_WIN and rep["reference"]["n"] == N_REF
     on_disk = json.loads((proj / "out" / "drift.json").read_text())
     assert on_disk["status"] == "ok"
@@ -135,15 +135,15 @@ def test_since_and_until_filter(proj):
 
 def test_parse_when():
     now = mk.NOW
-    assert monitor.parse_when("24h", now) == now - dt.timedelta(hours=24)
-    assert monitor.parse_when("7d", now) == now - dt.timedelta(days=7)
-    assert monitor.parse_when("90m", now) == now - dt.timedelta(minutes=90)
-    assert monitor.parse_when("2025-03-01", now) == dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
-    assert monitor.parse_when("2025-03-01T05:00+02:00", now) == dt.datetime(2025, 3, 1, 3, tzinfo=dt.timezone.utc)
+    assert driftsamples.parse_when("24h", now) == now - dt.timedelta(hours=24)
+    assert driftsamples.parse_when("7d", now) == now - dt.timedelta(days=7)
+    assert driftsamples.parse_when("90m", now) == now - dt.timedelta(minutes=90)
+    assert driftsamples.parse_when("2025-03-01", now) == dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
+    assert driftsamples.parse_when("2025-03-01T05:00+02:00", now) == dt.datetime(2025, 3, 1, 3, tzinfo=dt.timezone.utc)
     import typer
 
     with pytest.raises(typer.BadParameter):
-        monitor.parse_when("last tuesday", now)
+        driftsamples.parse_when("last tuesday", now)
 
 
 def test_novelty_skipped_without_scores(proj):
@@ -170,7 +170,7 @@ def test_legacy_reference_with_ood_score(tmp_path):
     p = tmp_path / "predictions.csv"
     p.write_text("path,label,pred,p_COVID,p_Normal,p_Viral Pneumonia,ood_score\n"
                  "a.png,COVID,COVID,0.9,0.05,0.05,1.5\n")
-    (row,) = monitor.reference_rows(p, None)
+    (row,) = driftsamples.reference_rows(p, None)
     assert row["novelty"] == 1.5 and row["flagged"] is None and row["refer"] is None
     assert row["confidence"] == 0.9 and row["format"] == "PNG"
 

@@ -18,7 +18,9 @@ sys.path.insert(0, str(TESTS / "service"))
 import imgfactory as fx  # noqa: E402
 
 from covid_cxr.config import CLASSES, KAGGLE_ROOT  # noqa: E402
-from covid_cxr.serve.predict import COLUMNS, PROB_COLUMNS, PredictError, ResultsCsv, resolve_model, run_predict  # noqa: E402
+from covid_cxr.serve.predict import resolve_model, run_predict  # noqa: E402
+from covid_cxr.serve.predictcsv import COLUMNS, PROB_COLUMNS, ResultsCsv  # noqa: E402
+from covid_cxr.serve.predicterror import PredictError  # noqa: E402
 
 PER_CLASS = 3
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_cxr.serve import predlog
-from covid_cxr.serve.predlog import FIELDS, NullPredictionLog, PredictionLog
+from covid_cxr.serve import predlog, predrecord
+from covid_cxr.serve.predlog import NullPredictionLog, PredictionLog
+from covid_cxr.serve.predrecord import FIELDS
 
 GOOD = {
     "request_id": uuid.uuid4().hex,
@@ -48,7 +49,7 @@ def test_one_json_line_per_prediction_with_every_field(tmp_path):
     (rec,) = written(tmp_path, GOOD)
     assert list(rec) == list(FIELDS)
     assert {k: rec[k] for k in GOOD} == GOOD
-    t = predlog._time(rec["time"])  # UTC ISO 8601, set by the writer
+    t = predrecord._time(rec["time"])  # UTC ISO 8601, set by the writer
     assert t is not None and rec["time"].endswith("+00:00")
 
 
@@ -101,12 +102,12 @@ def test_unknown_keys_pixels_file_names_and_patient_fields_are_never_written(tmp
     ("time", "2025-01-02T03:04:05Z", "2025-01-02T03:04:05.000+00:00"),
 ])
 def test_each_field_is_checked(key, value, expect):
-    out, _ = predlog.sanitize({**GOOD, key: value})
+    out, _ = predrecord.sanitize({**GOOD, key: value})
     assert out[key] == expect
 
 
 def test_bad_probabilities_are_cut_to_known_classes():
-    out, bad = predlog.sanitize({**GOOD, "probabilities": {"COVID": 1.2, "Normal": "x", "Viral Pneumonia": 0.1,
+    out, bad = predrecord.sanitize({**GOOD, "probabilities": {"COVID": 1.2, "Normal": "x", "Viral Pneumonia": 0.1,
                                                            "other": 0.5}})
     assert out["probabilities"] == {"Viral Pneumonia": 0.1} and bad == 3
 
@@ -148,10 +149,10 @@ def test_rotation_by_size_keeps_n_files_and_the_reader_reads_them_in_order(tmp_p
             log.write({**GOOD, "time": f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}+00:00"})
         log.flush()
         assert log.stats()["rotations"] >= 4
-    files = predlog.rotated_paths(p)
+    files = predrecord.rotated_paths(p)
     assert [f.name for f in files] == ["p.jsonl.3", "p.jsonl.2", "p.jsonl.1", "p.jsonl"]  # oldest first
     assert all(f.stat().st_size <= 8 * 1024 for f in files)
-    recs = list(predlog.read_records(p))
+    recs = list(predrecord.read_records(p))
     times = [r["time"] for r in recs]
     assert times == sorted(times) and len(set(times)) == len(recs)  # no line lost inside what is kept, none torn
     assert times[-1].startswith("2025-01-01T00:06:39")  # the newest record is in the live file
@@ -209,7 +210,7 @@ def test_disk_full_is_logged_once_and_predictions_go_on(tmp_path, caplog, monkey
         log.close()
         assert len([r for r in caplog.records if "cannot write" in r.message]) == 1
     assert log.stats()["written"] == 1
-    recs = list(predlog.read_records(p))  # the torn halves are skipped; the good line parses
+    recs = list(predrecord.read_records(p))  # the torn halves are skipped; the good line parses
     assert len(recs) == 1 and recs[0]["label"] == "COVID"
 
 
@@ -257,7 +258,7 @@ def test_many_threads_write_whole_lines(tmp_path):
             t.start()
         for t in ts:
             t.join()
-    recs = list(predlog.read_records(tmp_path / "p.jsonl"))
+    recs = list(predrecord.read_records(tmp_path / "p.jsonl"))
     assert sorted(r["width"] for r in recs) == sorted(k * 1000 + i + 1 for k in range(8) for i in range(250))
 
 
@@ -266,22 +267,22 @@ def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path):
     p.write_text(json.dumps({**GOOD, "time": "2025-01-01T00:00:00+00:00"}) + "\n" + '{"time": "2025-01-0')
     with PredictionLog(p) as log:
         log.write(GOOD)
-    recs = list(predlog.read_records(p))
+    recs = list(predrecord.read_records(p))
     assert len(recs) == 2
 
 
 def test_describe_upload(tmp_path):
     p = tmp_path / "scan.png"
     Image.fromarray(np.zeros((30, 40), np.uint16)).save(p)
-    info = predlog.describe_upload(p)
+    info = predrecord.describe_upload(p)
     import hashlib
 
     assert info == {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "width": 40, "height": 30,
                     "mode": "I;16", "format": "PNG"}
     (tmp_path / "notes.txt").write_text("hello")
-    info = predlog.describe_upload(tmp_path / "notes.txt")
+    info = predrecord.describe_upload(tmp_path / "notes.txt")
     assert info["width"] is None and len(info["sha256"]) == 64
-    out, _ = predlog.sanitize({**GOOD, **predlog.describe_upload(p)})
+    out, _ = predrecord.sanitize({**GOOD, **predrecord.describe_upload(p)})
     assert out["mode"] == "I;16" and out["width"] == 40
 
 

@@ -100,12 +100,18 @@ CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class ZipLimits:
-    """Zip-bomb guards from params.yaml `import:` (no defaults here: the numbers live in params.yaml)."""
+    """Zip-bomb guards from params.yaml `import:` (no defaults here: the numbers live in params.yaml).
+
+    Another caller (`covid-cxr predict`) passes its own: `max_members` caps the member count
+    (None: no cap, as for `data import`) and `names` are the settings a refusal names.
+    """
 
     max_total_bytes: int
     max_member_bytes: int
     max_ratio: float
     ratio_min_bytes: int
+    max_members: int | None = None
+    names: tuple[str, str, str] = ("import.max_total_mb", "import.max_member_mb", "import.max_ratio")  # total, member, ratio
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None = None) -> "ZipLimits":
@@ -142,18 +148,21 @@ def _members(zf: zipfile.ZipFile, dest: Path) -> tuple[list[zipfile.ZipInfo], di
 
 def check_zip_headers(members: list[zipfile.ZipInfo], limits: ZipLimits) -> None:
     """Refuse, before unpacking anything, what the headers already show to be too big."""
+    total_name, member_name, ratio_name = limits.names
+    if limits.max_members is not None and len(members) > limits.max_members:
+        raise UnsafeArchive(f"the archive holds {len(members):,} files, over the {limits.max_members:,} limit")
     total = 0
     for m in members:
         if m.file_size > limits.max_member_bytes:
             raise UnsafeArchive(f"member {m.filename} would unpack to {_mb(m.file_size)}, over "
-                                f"import.max_member_mb ({_mb(limits.max_member_bytes)})")
+                                f"{member_name} ({_mb(limits.max_member_bytes)})")
         if m.file_size > limits.ratio_min_bytes and m.file_size > limits.max_ratio * max(m.compress_size, 1):
             raise UnsafeArchive(f"member {m.filename} is compressed {m.file_size / max(m.compress_size, 1):,.0f}:1, "
-                                f"over import.max_ratio ({limits.max_ratio:g}:1): a zip bomb?")
+                                f"over {ratio_name} ({limits.max_ratio:g}:1): a zip bomb?")
         total += m.file_size
         if total > limits.max_total_bytes:
             raise UnsafeArchive(f"the archive would unpack to more than {_mb(limits.max_total_bytes)} "
-                                f"(import.max_total_mb)")
+                                f"({total_name})")
 
 
 def _unpack_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, dst: Path, limits: ZipLimits, done: int) -> int:
@@ -168,7 +177,7 @@ def _unpack_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, dst: Path, limits: Z
                                     "header declares: refusing the archive")
             if n > limits.max_member_bytes or done + n > limits.max_total_bytes:
                 raise UnsafeArchive(f"member {m.filename} goes over the import limits while unpacking "
-                                    f"(import.max_member_mb / import.max_total_mb)")
+                                    f"({limits.names[1]} / {limits.names[0]})")
             out.write(chunk)
     return n
 

@@ -5,14 +5,7 @@
     covid-cxr predict incoming/ --model artifacts/model        # a model directory
     covid-cxr predict incoming/ --model covid_cxr:3f2a...      # a BentoML model tag
 
-What it scores
-    A file is one image (PNG, JPEG, BMP, TIFF, WebP, DICOM: whatever the service takes). A folder
-    is read like `data import` reads one (`imagecheck.scan_source`: the Kaggle layout
-    `<Class>/images/*` or the flat layout `<Class>/*`; masks/, Lung_Opacity/, *.xlsx, README and
-    hidden files are left out and counted), and a class folder's name becomes `true_label`.
-    A `.zip` is unpacked to a temporary folder with `data import`'s safe extraction (no member
-    outside the folder) after the size checks below, then read like a folder; its rows' `path` is
-    `<zip>::<member>`.
+What it scores (files, folders, zips): predictinput.py. The CSV it writes: predictcsv.py.
 
 Which model
     The production model by default (registry/production.json -> its BentoML model tag in the
@@ -25,32 +18,18 @@ Same answer as the service
     `scoring.score_stream`, in this process, with no server. Decoding runs in a small thread pool
     ahead of the model.
 
-The CSV (--out, default predictions.csv)
-    One row per file: COLUMNS below. A file that cannot be scored gets a row with `error` (the
-    reason code, as the API's) and `error_detail`; the run goes on. Rows are appended a batch at a
-    time (one write + fsync per batch; a torn last line from a killed run is cut off on the next
-    run). A second run with the same --out skips every file whose (path, sha256, model) already has
-    a row, so an interrupted run resumes and a changed file (or a new model) is scored again; the
-    file's older row is then dropped (the CSV is rewritten once, atomically, at the end).
-
 Privacy
     Nothing of a DICOM's header is written anywhere: the CSV holds the path the user gave, the
     file's sha256 and the model's outputs; heat maps are PNGs made from the pixels only.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
-import zipfile
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,115 +37,9 @@ from typing import Any, Sequence
 import typer
 
 from covid_cxr.config import CLASSES, Paths
-
-PROB_COLUMNS = tuple("p_" + re.sub(r"\W+", "_", c) for c in CLASSES)   # p_COVID, p_Normal, p_Viral_Pneumonia
-COLUMNS = ("path", "sha256", "true_label", "label", "verdict", "reason", *PROB_COLUMNS, "novelty",
-           "in_distribution", "model", "error", "error_detail", "heatmap", "scored_at")
-
-# A zip is unpacked before scoring: refuse archives whose declared content is out of proportion.
-ZIP_MAX_BYTES = int(float(os.environ.get("COVID_CXR_ZIP_MAX_GB", "50")) * 1024 ** 3)
-ZIP_MAX_MEMBERS = 1_000_000
-ZIP_MAX_RATIO = 200          # uncompressed / compressed, per member over 1 MB (images barely compress)
-
-
-class PredictError(RuntimeError):
-    """A run that cannot start (no model, a bad zip, a CSV of another layout); the message says why."""
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Item:
-    file: Path              # the file on disk (inside the temporary folder for a zip member)
-    path: str               # as the CSV shows it: the path the user gave, or <zip>::<member>
-    true_label: str | None  # the class folder it sits in, if any
-
-
-@dataclass
-class Inputs:
-    items: list[Item] = field(default_factory=list)
-    left_out: Counter = field(default_factory=Counter)   # masks/, Lung_Opacity/, ... (scan_source)
-
-
-def _label_of(rel_dirs: Sequence[str]) -> str | None:
-    from covid_cxr.config import KAGGLE_ROOT
-    from covid_cxr.data.imagecheck import canonical_class
-
-    dirs = list(rel_dirs)
-    if dirs and dirs[-1].lower() == "images":
-        dirs.pop()
-    if dirs and dirs[0] == KAGGLE_ROOT:
-        dirs.pop(0)
-    return canonical_class(dirs[-1]) if dirs else None
-
-
-def check_zip(zf: zipfile.ZipFile, dest: Path) -> None:
-    """Refuse an archive that would unpack to more than the caps or the free disk space."""
-    infos = [m for m in zf.infolist() if not m.is_dir()]
-    if len(infos) > ZIP_MAX_MEMBERS:
-        raise PredictError(f"the zip holds {len(infos):,} files, over the {ZIP_MAX_MEMBERS:,} limit")
-    total = sum(m.file_size for m in infos)
-    if total > ZIP_MAX_BYTES:
-        raise PredictError(f"the zip unpacks to {total / 1024 ** 3:.1f} GiB, over the "
-                           f"{ZIP_MAX_BYTES / 1024 ** 3:g} GiB limit (COVID_CXR_ZIP_MAX_GB)")
-    for m in infos:
-        if m.file_size > (1 << 20) and m.file_size > ZIP_MAX_RATIO * max(m.compress_size, 1):
-            raise PredictError(f"zip member {m.filename!r} expands {m.file_size / max(m.compress_size, 1):.0f}x: "
-                               "refusing a likely zip bomb")
-    free = shutil.disk_usage(dest).free
-    if total > free * 0.9:
-        raise PredictError(f"the zip unpacks to {total / 1e9:.1f} GB but {dest} has {free / 1e9:.1f} GB free "
-                           "(set TMPDIR to a larger disk)")
-
-
-def _unzip(src: Path, stack: ExitStack) -> Path:
-    from covid_cxr.data.archive import _extract_zip
-
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="covid-cxr-predict-")))
-    try:
-        with zipfile.ZipFile(src) as zf:
-            check_zip(zf, tmp)
-            _extract_zip(zf, tmp)   # the safe extraction of `data import` (members stay inside tmp)
-    except zipfile.BadZipFile as e:
-        raise PredictError(f"{src}: not a readable zip file ({e})") from None
-    except ValueError as e:        # a member outside the folder
-        raise PredictError(f"{src}: {e}") from None
-    return tmp
-
-
-def _folder(root: Path, shown: str, out: Inputs, zip_mode: bool = False) -> None:
-    from covid_cxr.data.imagecheck import scan_source
-
-    scan = scan_source(root)
-    out.left_out.update(scan.skipped)
-    sep = "::" if zip_mode else "/"
-    for f in scan.files:
-        out.items.append(Item(f.path, f"{shown.rstrip('/')}{sep}{f.rel}", f.label))
-
-
-def collect(sources: Sequence[str | Path], stack: ExitStack) -> Inputs:
-    """PATH arguments -> the files to score, in argument order (each folder sorted), no duplicates."""
-    out = Inputs()
-    for s in sources:
-        shown = os.fspath(s)
-        p = Path(shown)
-        if p.is_dir():
-            _folder(p, shown, out)
-        elif p.is_file() and p.suffix.lower() == ".zip":
-            _folder(_unzip(p, stack), shown, out, zip_mode=True)
-        elif p.is_file():
-            out.items.append(Item(p, shown, _label_of(p.absolute().parent.parts[-2:])))
-        else:
-            raise FileNotFoundError(f"{shown}: no such file or folder")
-    seen: set[str] = set()
-    uniq = []
-    for it in out.items:
-        if it.path not in seen:
-            seen.add(it.path)
-            uniq.append(it)
-    out.items = uniq
-    return out
+from covid_cxr.serve.predictcsv import PROB_COLUMNS, ResultsCsv
+from covid_cxr.serve.predicterror import PredictError
+from covid_cxr.serve.predictinput import Item, collect
 
 
 # --------------------------------------------------------------------------- model
@@ -208,89 +81,6 @@ def _store_model(tag: str) -> tuple[Path, str]:
         raise PredictError(f"model {tag!r} is neither a model directory nor in the BentoML model store "
                            f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): {e}") from None
     return Path(m.path), str(m.tag)
-
-
-# --------------------------------------------------------------------------- the CSV
-
-
-class ResultsCsv:
-    """The --out CSV: what it already holds, batch appends, and the final compaction."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.done: dict[str, tuple[str, str]] = {}   # path -> (sha256, model) of its last row
-        self.rows_per_path: Counter = Counter()
-        self.superseded: set[str] = set()
-        self._load()
-
-    def _load(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):           # a run killed mid-write: drop the torn line
-            cut = data.rfind(b"\n") + 1
-            os.truncate(self.path, cut)
-            data = data[:cut]
-        if not data:
-            return
-        rows = csv.reader(io.StringIO(data.decode("utf-8")))
-        header = next(rows, None)
-        if tuple(header or ()) != COLUMNS:
-            raise PredictError(f"{self.path} has other columns than `covid-cxr predict` writes; "
-                               "pass another --out (or move that file away)")
-        for r in rows:
-            if len(r) != len(COLUMNS):
-                continue
-            row = dict(zip(COLUMNS, r))
-            self.rows_per_path[row["path"]] += 1
-            self.done[row["path"]] = (row["sha256"], row["model"])
-
-    def is_done(self, path: str, sha256: str, model: str) -> bool:
-        return bool(sha256) and self.done.get(path) == (sha256, model)
-
-    def append(self, rows: list[dict[str, Any]]) -> None:
-        """One write and one fsync for the whole batch."""
-        if not rows:
-            return
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        if new:
-            w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow(["" if r.get(c) is None else r[c] for c in COLUMNS])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        for r in rows:
-            if r["path"] in self.done or self.rows_per_path[r["path"]]:
-                self.superseded.add(r["path"])
-            self.rows_per_path[r["path"]] += 1
-            self.done[r["path"]] = (r["sha256"] or "", r["model"])
-
-    def compact(self) -> int:
-        """Keep only the last row of each path (atomic rewrite). -> rows dropped."""
-        if not self.path.exists() or not any(n > 1 for n in self.rows_per_path.values()):
-            return 0
-        with open(self.path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f))[1:]
-        last: dict[str, list[str]] = {}
-        for r in rows:
-            if len(r) == len(COLUMNS):
-                last.pop(r[0], None)     # re-insert: a re-scored file moves to where it was re-scored
-                last[r[0]] = r
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(COLUMNS)
-            w.writerows(last.values())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self.rows_per_path = Counter({p: 1 for p in last})
-        return len(rows) - len(last)
 
 
 # --------------------------------------------------------------------------- heat maps
