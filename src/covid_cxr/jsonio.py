@@ -1,4 +1,5 @@
-"""The one atomic JSON write: a reader never sees half a file; sorted keys keep diffs small."""
+"""JSON files: the one atomic write (a reader never sees half a file; sorted keys keep diffs small)
+and the one lenient read (a missing or broken file reads as None)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
 
 
 def read_json(path) -> Any | None:
+    """The parsed file, or None when it is missing, unreadable or not JSON."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):

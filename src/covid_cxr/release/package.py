@@ -42,6 +42,7 @@ class PackagingError(RuntimeError):
 # small helpers
 # ---------------------------------------------------------------------------------------------
 def _read_json(p: Path) -> Any:
+    """Strict, unlike jsonio.read_json: a broken gate or metrics file stops packaging with its reason."""
     try:
         return json.loads(Path(p).read_text())
     except FileNotFoundError:

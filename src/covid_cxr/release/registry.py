@@ -109,7 +109,7 @@ def publish(paths: Paths, bento_tag: str, remote: str | None = None, push: bool 
             log: Log | None = None) -> str:
     """Export the Bento under registry/bentos/, track it with DVC and push it. Returns the export
     path (relative to the root). A Bento exported before is not exported again."""
-    from covid_cxr.orchestrate.steps import remote_name, run
+    from covid_cxr.orchestrate.shell import remote_name, run
 
     dest = export_path(paths, bento_tag)
     dvc_file = _dvc_file(dest)
@@ -139,7 +139,7 @@ def _apply(paths: Paths, entry: dict[str, Any], message: str, commit: bool, log:
     promotion.write_record(paths, rec)
     if commit:
         try:
-            from covid_cxr.orchestrate.steps import git_commit_files
+            from covid_cxr.orchestrate.shell import git_commit_files
 
             rec["commit"] = git_commit_files(paths.root, _record_files(paths, entry.get("export")), message, log)
         except Exception:
@@ -208,7 +208,7 @@ def rollback(paths: Paths | None = None, to: str | None = None, *, commit: bool 
 def pull_production(paths: Paths | None = None, remote: str | None = None, log: Log | None = None) -> dict[str, Any]:
     """Make the Bento that registry/production.json names servable here: `dvc pull` its export,
     `bentoml import` it, and check the model inside is the recorded one. Trains nothing."""
-    from covid_cxr.orchestrate.steps import remote_name, run
+    from covid_cxr.orchestrate.shell import remote_name, run
 
     paths = paths or Paths()
     rec = promotion.production(paths)
@@ -238,7 +238,7 @@ def _fail(msg: str) -> None:
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001
-    from covid_cxr.orchestrate.steps import StepError
+    from covid_cxr.orchestrate.shell import StepError
 
     remote_opt = typer.Option(None, "--remote", help="DVC remote name or path (default: the configured one).")
     commit_opt = typer.Option(True, "--commit/--no-commit", help="git commit the record (default) or only write it.")
