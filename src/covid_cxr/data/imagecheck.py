@@ -186,11 +186,6 @@ def hash_thumbnail(thumb: np.ndarray) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def image_hash(gray: np.ndarray) -> int:
-    """The `dhash` of a 2-D uint8 image."""
-    return hash_thumbnail(thumbnail(gray))
-
-
 def encode_thumb(thumb: np.ndarray) -> str:
     """A `thumbnail` as the cache stores it: uint8 grey levels, base64 (2,136 characters)."""
     return base64.b64encode(np.clip(np.rint(thumb), 0, 255).astype(np.uint8).tobytes()).decode("ascii")
