@@ -74,6 +74,7 @@ def ingest_batch(batch_dir: str | Path, root: Path | str, log: Log | None = None
     verdict, from imagecheck) and `reasons.json` (the quarantined ones). The batch is only read.
     """
     from covid_cxr.data import archive as dataimport, imagecheck
+    from covid_cxr.data.rules import Limits
     from covid_cxr.config import load_params
 
     log = log or (lambda _m: None)
@@ -81,7 +82,7 @@ def ingest_batch(batch_dir: str | Path, root: Path | str, log: Log | None = None
     batch = Path(batch_dir).expanduser().resolve()
     if not batch.is_dir():
         raise StepError(f"incoming batch {batch} is not a directory")
-    limits = imagecheck.Limits.from_params(load_params(paths.root / "params.yaml"))
+    limits = Limits.from_params(load_params(paths.root / "params.yaml"))
     results = imagecheck.check_batch(batch, paths.data, limits=limits)
 
     accepted, present, rejected = [], [], []
