@@ -30,8 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from covid_cxr.data.filestats import POOL_CHUNK as CHUNK, default_workers  # noqa: E402
+from covid_cxr.data.filestats import default_workers  # noqa: E402
 from covid_cxr.data.layouts import data_image_files  # noqa: E402
+from covid_cxr.data.pool import POOL_CHUNK as CHUNK  # noqa: E402
 from covid_cxr.data.preprocess import open_image, to_gray  # noqa: E402
 
 

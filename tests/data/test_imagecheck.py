@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from covid_cxr.config import KAGGLE_ROOT
-from covid_cxr.data import filestats, fingerprint, imagecheck, rules, samefilm
+from covid_cxr.data import filestats, fingerprint, imagecheck, pool, rules, samefilm
 from covid_cxr.cli import app
 
 LIMITS = rules.Limits()  # params.yaml defaults: 64..4096 px, modes L/I;16/I/RGB, 4 bits
@@ -350,14 +350,14 @@ def test_compute_stats_process_pool_gives_the_serial_result(tmp_path, monkeypatc
     serial = filestats.compute_stats(files, LIMITS.max_pixels, workers=1)
     pools = []
 
-    class Spy(filestats.ProcessPoolExecutor):
+    class Spy(pool.ProcessPoolExecutor):
         def __init__(self, *a, **kw):
             pools.append(a)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(filestats, "ProcessPoolExecutor", Spy)
+    monkeypatch.setattr(pool, "ProcessPoolExecutor", Spy)
     monkeypatch.setattr(filestats, "POOL_MIN_FILES", 8)
-    monkeypatch.setattr(filestats.threading, "active_count", lambda: 1)  # pytest may run helper threads
+    monkeypatch.setattr(pool.threading, "active_count", lambda: 1)  # pytest may run helper threads
     assert filestats.compute_stats(files, LIMITS.max_pixels, workers=2) == serial
     assert pools == [(2,)]
     assert serial[-1]["error"] == "empty"
@@ -366,8 +366,8 @@ def test_compute_stats_process_pool_gives_the_serial_result(tmp_path, monkeypatc
 def test_compute_stats_never_forks_a_threaded_process(tmp_path, monkeypatch):
     files = [fx.png_gray(tmp_path / f"{i}.png", size=64, seed=i) for i in range(10)]
     monkeypatch.setattr(filestats, "POOL_MIN_FILES", 4)
-    monkeypatch.setattr(filestats.threading, "active_count", lambda: 3)  # e.g. inside a Prefect worker
-    monkeypatch.setattr(filestats, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("forked from a threaded process"))
+    monkeypatch.setattr(pool.threading, "active_count", lambda: 3)  # e.g. inside a Prefect worker
+    monkeypatch.setattr(pool, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("forked from a threaded process"))
     assert [s["sha256"] for s in filestats.compute_stats(files, LIMITS.max_pixels, workers=4)] == [
         filestats.sha256_file(f) for f in files
     ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from covid_cxr.data.filestats import process_map
+from covid_cxr.data.pool import process_map
 from covid_cxr.data.preprocess import load_gray
 from covid_cxr.progress import tqdm
 

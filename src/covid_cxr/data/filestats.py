@@ -4,24 +4,21 @@
 `mode`, `format`, the `dhash` fingerprint, the 40x40 `thumb`, and the `colour` / `std` numbers of
 the "is this an X-ray at all" rule); `rules.judge` then holds them against the limits in
 params.yaml. Pixels are decoded only through `preprocess.open_image` / `to_gray`.
-`StatsCache` keeps the stats on disk, `compute_stats` computes many in a `process_map` pool (also
-the pool of the decoded-image cache, `data.cache`).
+`StatsCache` keeps the stats on disk, `compute_stats` computes many (in a `pool.process_map` pool
+for big lists).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
-import threading
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 from covid_cxr.data.errors import ImageError
 from covid_cxr.data.fingerprint import encode_thumb, hash_thumbnail
+from covid_cxr.data.pool import process_map
 from covid_cxr.data.preprocess import open_image, to_gray
 from covid_cxr.data.xrayrule import colourfulness, thumbnail
 
@@ -145,31 +142,6 @@ def default_cache_dir(data_dir: Path) -> Path:
 
 
 POOL_MIN_FILES = 200  # below this a process pool costs more than it saves
-POOL_CHUNK = 64  # items per task handed to a pool process
-
-
-@contextmanager
-def process_map(fn: Callable, items: Sequence, workers: int, *, min_items: int) -> Iterator[Iterator]:
-    """`fn` over `items`, in order: in `workers` forked processes, or serially in this one.
-
-    A pool only for `workers` > 1 and at least `min_items` items, and only from a single-threaded
-    process (the CLI / a DVC stage): forking a threaded one (a Prefect worker, a server) can
-    deadlock on a lock held by another thread; there, and without fork, the items run serially.
-    Every item is submitted (so the processes forked) before this yields: start progress bars
-    (tqdm's monitor thread) inside the `with`. The pool is shut down on leaving it.
-    """
-    ctx = None
-    if workers > 1 and len(items) >= min_items and threading.active_count() == 1:
-        try:
-            ctx = multiprocessing.get_context("fork")
-        except ValueError:  # no fork on this platform
-            ctx = None
-    pool = ProcessPoolExecutor(workers, mp_context=ctx) if ctx else None
-    try:
-        yield pool.map(fn, items, chunksize=POOL_CHUNK) if pool else map(fn, items)
-    finally:
-        if pool:
-            pool.shutdown()
 
 
 def _stats_at(max_pixels: int, path: Path) -> dict[str, Any]:
