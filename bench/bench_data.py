@@ -6,7 +6,7 @@ Runs in a throw-away project root (params.yaml copied, data/ symlinked, empty st
 the repository's artifacts/ and .cache/ are untouched.
 - decode-only: `preprocess.open_image` + `to_gray` on every PNG (a full decode, nothing else),
   in this process (1 proc) and in a fork pool of N processes run exactly as `prepare` runs its own
-  (same executor, chunk size and process count; N = imagecheck.default_workers()).
+  (same executor, chunk size and process count; N = filestats.default_workers()).
 - prepare+validate: the real stage commands, `covid-cxr prepare --no-cache` then
   `covid-cxr validate` (as `dvc repro` runs them: new processes, imports included, GX Data Docs
   built), with a cold stats cache; prepare with N decode processes and with COVID_CXR_WORKERS=1.
@@ -30,10 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from covid_cxr.data.imagecheck import data_image_files, default_workers  # noqa: E402
+from covid_cxr.data.filestats import default_workers  # noqa: E402
+from covid_cxr.data.layouts import data_image_files  # noqa: E402
+from covid_cxr.data.pool import POOL_CHUNK as CHUNK  # noqa: E402
 from covid_cxr.data.preprocess import open_image, to_gray  # noqa: E402
-
-CHUNK = 64  # imagecheck.compute_stats's chunk size
 
 
 def cli() -> list[str]:

@@ -2,7 +2,7 @@
 
 Every function writes one file and returns its Path. Good images look a little like a chest
 film (bright frame, two darker lung fields, rib stripes, seed-dependent texture), so they pass
-every `imagecheck` rule, and two different seeds are never near-duplicates of each other.
+every rejection rule (`rules.judge`), and two different seeds are never near-duplicates of each other.
 """
 from __future__ import annotations
 

@@ -63,8 +63,8 @@ EXCLUDED = {f"{PKG}.cli"}  # the dispatcher: see the module docstring
 
 # (stage, param) reads the analysis reports that the stage provably does not depend on.
 NOT_READ: dict[tuple[str, str], str] = {
-    ("prepare", "validate.min_side"): "prepare builds imagecheck.Limits but uses only max_pixels and near_dup_*",
-    ("prepare", "validate.modes"): "prepare builds imagecheck.Limits but uses only max_pixels and near_dup_*",
+    ("prepare", "validate.min_side"): "prepare builds rules.Limits but uses only max_pixels and near_dup_*",
+    ("prepare", "validate.modes"): "prepare builds rules.Limits but uses only max_pixels and near_dup_*",
 }
 
 

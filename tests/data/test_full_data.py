@@ -8,7 +8,7 @@ from pathlib import Path
 import imgfactory as fx
 import pytest
 
-from covid_cxr.data import imagecheck as ic
+from covid_cxr.data import filestats, imagecheck, layouts, rules
 from covid_cxr.data import prepare, validate
 from covid_cxr.config import load_params
 
@@ -31,10 +31,10 @@ def real_project(tmp_path_factory):
 def test_every_real_image_and_all_of_batch_001_pass(real_project):
     if not fx.BATCH_001.is_dir():
         pytest.skip("batch-001 is not available")
-    limits = ic.Limits.from_params(load_params(real_project / "params.yaml"))
-    idx = ic.DataIndex.build(real_project / "data", limits, cache_dir=real_project / ".cache")
+    limits = rules.Limits.from_params(load_params(real_project / "params.yaml"))
+    idx = imagecheck.DataIndex.build(real_project / "data", limits, cache_dir=real_project / ".cache")
     assert len(idx.hashes) == 6119
-    results = ic.check_batch(fx.BATCH_001, real_project / "data", limits=limits, cache_dir=real_project / ".cache")
+    results = imagecheck.check_batch(fx.BATCH_001, real_project / "data", limits=limits, cache_dir=real_project / ".cache")
     assert len(results) == 383
     assert Counter(r["reason"] for r in results) == {"ok": 383}
     assert Counter(r["label"] for r in results) == {"COVID": 168, "Normal": 148, "Viral Pneumonia": 67}
@@ -43,9 +43,9 @@ def test_every_real_image_and_all_of_batch_001_pass(real_project):
     assert marked == {("COVID-366.png", "COVID-681.png"), ("COVID-1063.png", "COVID-1120.png"),
                       ("COVID-168.png", "COVID-1079.png"), ("COVID-722.png", "COVID-1147.png")}
     # every image already in data/ passes the file rules too (colour, blank, size, mode)
-    files = [f.path for f in ic.data_image_files(real_project / "data")]
-    stats = ic.compute_stats(files, limits.max_pixels, cache=ic.StatsCache(real_project / ".cache", limits.max_pixels))
-    assert Counter(ic.judge(s, limits)[0] for s in stats) == {"ok": 6119}
+    files = [f.path for f in layouts.data_image_files(real_project / "data")]
+    stats = filestats.compute_stats(files, limits.max_pixels, cache=filestats.StatsCache(real_project / ".cache", limits.max_pixels))
+    assert Counter(rules.judge(s, limits)[0] for s in stats) == {"ok": 6119}
 
 
 def test_prepare_and_validate_pass_on_the_real_data(real_project):

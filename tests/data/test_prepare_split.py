@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from covid_cxr.data import prepare
 from covid_cxr.cli import app
-from covid_cxr.data.imagecheck import hamming
+from covid_cxr.data.fingerprint import hamming
 
 CLASSES = ("COVID", "Normal", "Viral Pneumonia")
 
@@ -36,7 +36,8 @@ def test_near_pairs_matches_brute_force(base, bits, rnd):
 
 
 def _thumbs(arrays):
-    from covid_cxr.data.imagecheck import encode_thumb, thumbnail
+    from covid_cxr.data.fingerprint import encode_thumb
+    from covid_cxr.data.xrayrule import thumbnail
 
     return [encode_thumb(thumbnail(a)) for a in arrays]
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from covid_cxr.data.pool import process_map
 from covid_cxr.data.preprocess import load_gray
 from covid_cxr.progress import tqdm
 
 
 CACHE_VERSION = 2  # bump when the file layout changes
+POOL_MIN_JOBS = 257  # a decode pool for more than 256 images only
 
 
 def code_digest() -> str:
@@ -63,13 +64,9 @@ def decoded(df: pd.DataFrame, size: int, root: Path, cache_dir: Path, workers: i
     jobs = [(str(root / p), size) for p in df["path"]]
     out = np.empty((len(jobs), size, size), np.uint8)
     desc = f"decode {len(jobs)} images @ {size}px"
-    if workers > 1 and len(jobs) > 256:
-        with ProcessPoolExecutor(workers) as ex:
-            for i, a in enumerate(tqdm(ex.map(_decode, jobs, chunksize=64), total=len(jobs), desc=desc)):
-                out[i] = a
-    else:
-        for i, j in enumerate(tqdm(jobs, desc=desc)):
-            out[i] = _decode(j)
+    with process_map(_decode, jobs, workers, min_items=POOL_MIN_JOBS) as results:
+        for i, a in enumerate(tqdm(results, total=len(jobs), desc=desc)):
+            out[i] = a
     tmp = f.with_suffix(".tmp.npy")
     np.save(tmp, out)
     tmp.replace(f)

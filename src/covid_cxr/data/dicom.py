@@ -22,7 +22,7 @@ What is accepted
   (native, RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000 via pydicom and the pylibjpeg
   plugins; `dicom_unsupported` otherwise); decodable data (`corrupt` otherwise).
 - MONOCHROME1 / MONOCHROME2 (the only ones the CR/DX IODs allow). RGB / YBR 8-bit data is
-  converted to RGB (imagecheck's colour rule then judges it); PALETTE COLOR is `dicom_unsupported`.
+  converted to RGB (the colour rule, rules.judge, then judges it); PALETTE COLOR is `dicom_unsupported`.
 
 The pixel pipeline (in this order)
 ----------------------------------

@@ -1,9 +1,9 @@
 """Stage `prepare`: data/ -> artifacts/data/manifest.csv (one row per image, with its split).
 
-- Per-image stats come from `imagecheck` (the same code as `covid-cxr data check`).
+- Per-image stats come from `filestats` (the same code as `covid-cxr data check`).
 - Near-duplicate groups: union-find over exact sha256 matches, `dhash` Hamming distance
   <= prepare.near_dup_bits (re-exports of a film) and the same-film score >= prepare.near_dup_corr
-  (re-crops of a film, and near-identical films of one patient; see `imagecheck`). A group never
+  (re-crops of a film, and near-identical films of one patient; see `samefilm`). A group never
   straddles splits.
 - Split: per class (a group's class is its most common label), groups are ordered by
   sha256(f"{seed}:{group}") and cut at valid_frac / test_frac of that class's images. Deterministic
@@ -23,7 +23,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from covid_cxr.config import CLASSES, Paths, load_params
-from covid_cxr.data.imagecheck import Limits, StatsCache, compute_stats, decode_thumbs, default_cache_dir, film_pairs, scan_source
+from covid_cxr.data.filestats import StatsCache, compute_stats, default_cache_dir
+from covid_cxr.data.fingerprint import decode_thumbs
+from covid_cxr.data.layouts import scan_source
+from covid_cxr.data.rules import Limits
+from covid_cxr.data.samefilm import film_pairs
 
 MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "bytes", "group", "split")
 SPLITS = ("train", "valid", "test")
@@ -65,7 +69,7 @@ def near_pairs(hashes: Sequence[int | None], bits: int, block: int = 1024) -> li
 
 
 def same_film_pairs(thumbs: Sequence[str | None], corr: float) -> list[tuple[int, int, float]]:
-    """(i, j, score) for every pair of encoded thumbnails (`imagecheck.encode_thumb`) scoring >= corr."""
+    """(i, j, score) for every pair of encoded thumbnails (`fingerprint.encode_thumb`) scoring >= corr."""
     t, has = decode_thumbs(thumbs)
     idx = np.nonzero(has)[0]
     return [(int(idx[i]), int(idx[j]), s) for i, j, s in film_pairs(t[idx], corr)]

@@ -1,4 +1,4 @@
-"""The "plainly not a chest X-ray" rules, shared by `data check` (imagecheck.judge) and serving.
+"""The "plainly not a chest X-ray" rules, shared by `data check` (rules.judge) and serving.
 
 - colour: mean absolute difference between the R, G and B channels, in 0..255 grey levels.
   Greyscale X-rays (also when saved as RGB/JPEG) score ~0-2; photos and screenshots 20+.

@@ -3,7 +3,7 @@
     <inbox>/<batch>/<Class>/<file>                                  flat layout
     <inbox>/<batch>/[COVID-19_Radiography_Dataset/]<Class>/images/<file>   Kaggle layout
 
-Each direct sub-folder of the inbox is a batch (imagecheck.scan_source reads either layout).
+Each direct sub-folder of the inbox is a batch (layouts.scan_source reads either layout).
 Hidden folders are skipped: copy a batch in under a hidden name (`.batch-007.part`) and rename it
 when it is complete, so that a run never sees half a batch.
 
@@ -39,7 +39,7 @@ def _file_sha(p: Path) -> str:
 
 def batch_key(batch: Path | str) -> tuple[str, int]:
     """(content key, number of files) of one batch folder."""
-    from covid_cxr.data.imagecheck import scan_source
+    from covid_cxr.data.layouts import scan_source
 
     files = scan_source(Path(batch)).files
     lines = sorted(f"{f.label or f.folder or ''}\t{_file_sha(f.path)}" for f in files)

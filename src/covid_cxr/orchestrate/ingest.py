@@ -43,15 +43,16 @@ def ingest_batch(batch_dir: str | Path, root: Path | str, log: Log | None = None
     artifacts/quarantine/<batch>/<same relative path>, beside `report.json` (every file with its
     verdict, from imagecheck) and `reasons.json` (the quarantined ones). The batch is only read.
     """
-    from covid_cxr.data import archive as dataimport, imagecheck
     from covid_cxr.config import load_params
+    from covid_cxr.data import archive as dataimport, imagecheck
+    from covid_cxr.data.rules import Limits
 
     log = log or (lambda _m: None)
     paths = Paths(root)
     batch = Path(batch_dir).expanduser().resolve()
     if not batch.is_dir():
         raise StepError(f"incoming batch {batch} is not a directory")
-    limits = imagecheck.Limits.from_params(load_params(paths.root / "params.yaml"))
+    limits = Limits.from_params(load_params(paths.root / "params.yaml"))
     results = imagecheck.check_batch(batch, paths.data, limits=limits)
 
     accepted, present, rejected = [], [], []

@@ -62,7 +62,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
                     "under a new name.", ""]
         if reasons:
             try:
-                from covid_cxr.data.imagecheck import REASONS
+                from covid_cxr.data.rules import REASONS
             except Exception:  # pragma: no cover - the summary must not fail on an import
                 REASONS = {}
             out += ["Rejected (quarantined), by reason:", "", "| reason | meaning | files |", "|---|---|---:|"]

@@ -239,7 +239,7 @@ def _counts(c: dict[str, int]) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    from covid_cxr.data.imagecheck import skipped_line
+    from covid_cxr.data.layouts import skipped_line
 
     n_err = sum(s["errors"].values())
     lines = [

@@ -2,7 +2,7 @@
 
 What it scores
     A file is one image (PNG, JPEG, BMP, TIFF, WebP, DICOM: whatever the service takes). A folder
-    is read like `data import` reads one (`imagecheck.scan_source`: the Kaggle layout
+    is read like `data import` reads one (`layouts.scan_source`: the Kaggle layout
     `<Class>/images/*` or the flat layout `<Class>/*`; masks/, Lung_Opacity/, *.xlsx, README and
     hidden files are left out and counted), and a class folder's name becomes `true_label`.
     A `.zip` is unpacked to a temporary folder with `data import`'s safe extraction (no member
@@ -44,7 +44,7 @@ class Inputs:
 
 def _label_of(rel_dirs: Sequence[str]) -> str | None:
     from covid_cxr.config import KAGGLE_ROOT
-    from covid_cxr.data.imagecheck import canonical_class
+    from covid_cxr.data.layouts import canonical_class
 
     dirs = list(rel_dirs)
     if dirs and dirs[-1].lower() == "images":
@@ -92,7 +92,7 @@ def _unzip(src: Path, stack: ExitStack) -> Path:
 
 
 def _folder(root: Path, shown: str, out: Inputs, zip_mode: bool = False) -> None:
-    from covid_cxr.data.imagecheck import scan_source
+    from covid_cxr.data.layouts import scan_source
 
     scan = scan_source(root)
     out.left_out.update(scan.skipped)
