@@ -1,4 +1,5 @@
-"""The one atomic JSON write: a reader never sees half a file; sorted keys keep diffs small."""
+"""JSON files: the one atomic write (a reader never sees half a file; sorted keys keep diffs
+small) and a forgiving read."""
 from __future__ import annotations
 
 import json
@@ -14,3 +15,11 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed file, or None if it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
