@@ -29,7 +29,6 @@ images; concurrent requests are merged into one forward pass.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import threading
@@ -48,9 +47,8 @@ from starlette.staticfiles import StaticFiles
 
 from covid_cxr.config import CLASSES
 from covid_cxr.data.preprocess import ImageError, resize_gray
-from covid_cxr.model.checkpoint import Predictions
-from covid_cxr.model.verdict import REASONS
 from covid_cxr.serve import multipart
+from covid_cxr.serve.answers import answer, b64png, cam_images, refused, timing_headers
 from covid_cxr.serve.batching import Batcher, Overloaded
 from covid_cxr.serve.guard import GuardMiddleware, error_response
 from covid_cxr.serve.modelcard import DISCLAIMER, describe
@@ -67,39 +65,6 @@ multipart.install()
 
 web = FastAPI(title="covid-cxr web", docs_url=None, redoc_url=None, openapi_url=None)
 web.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-
-
-def answer(pred: Predictions, i: int, model_tag: str) -> dict[str, Any]:
-    """Image i of a forward pass as the API returns it."""
-    nov = None if pred.novelty is None else float(pred.novelty[i])
-    reason = pred.reason[i]
-    return {
-        "label": pred.labels[i],
-        "probabilities": {k: round(float(p), 6) for k, p in zip(CLASSES, pred.probs[i])},
-        "verdict": pred.verdict[i],
-        "reason": reason,
-        "message": REASONS[reason] if reason else None,
-        "novelty": None if nov is None or np.isnan(nov) else round(nov, 4),
-        "in_distribution": not bool(pred.novel[i]),
-        "model": model_tag,
-    }
-
-
-def refused(e: ImageError | Overloaded) -> JSONResponse:
-    if isinstance(e, Overloaded):
-        return error_response("overloaded", str(e), 503)
-    return error_response(e.code, e.message)
-
-
-def _headers(n: int, timing: dict[str, float]) -> dict[str, str]:
-    """X-Batch-Size, and Server-Timing (decode / queue / model, ms) for operators and benchmarks."""
-    return {"X-Batch-Size": str(n), "Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in timing.items())}
-
-
-def _b64png(arr: np.ndarray) -> str:
-    from covid_cxr.model.gradcam import to_png
-
-    return base64.b64encode(to_png(arr)).decode("ascii")
 
 
 @bentoml.service(
@@ -210,25 +175,9 @@ class CovidCxr:
         up = await self._decode(image, full=True)
         small = await anyio.to_thread.run_sync(resize_gray, up.gray, self.model.size)
         (res,), _ = await self._classify([replace(up, gray=small)])
-        cam = await anyio.to_thread.run_sync(self._gradcam, up.gray, small, CLASSES.index(res["label"]))
+        cam = await anyio.to_thread.run_sync(cam_images, self.model, self._explain_lock, up.gray, small,
+                                            CLASSES.index(res["label"]))
         return up, res, cam
-
-    def _gradcam(self, gray: np.ndarray, small: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray, str]:
-        from PIL import Image
-
-        from covid_cxr.model.gradcam import gradcam, overlay
-
-        m = self.model
-        x = m.to_input(small[None])
-        with self._explain_lock:
-            cams, _, methods = gradcam(m.net, x, target)
-        h, w = gray.shape
-        scale = min(1.0, 512 / max(h, w))
-        shown = gray
-        if scale < 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            shown = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR))
-        return shown, overlay(shown, cams[0]), methods[0]
 
     # ---------- API ----------
     @bentoml.api(route="/predict")
@@ -243,7 +192,7 @@ class CovidCxr:
             (res,), n = await self._classify([up], timing)
         except (ImageError, Overloaded) as e:
             return refused(e)
-        return JSONResponse(res, headers=_headers(n, timing))
+        return JSONResponse(res, headers=timing_headers(n, timing))
 
     @bentoml.api(route="/predict_batch")
     async def predict_batch(self, images: list[Path]) -> list[dict]:
@@ -267,7 +216,7 @@ class CovidCxr:
             res, n = await self._classify(ups, timing)
         except Overloaded as e:
             return refused(e)
-        return JSONResponse(res, headers=_headers(n, timing))
+        return JSONResponse(res, headers=timing_headers(n, timing))
 
     @bentoml.api(route="/explain")
     async def explain(self, image: Path) -> dict:
@@ -282,8 +231,8 @@ class CovidCxr:
             _, res, (shown, heat, method) = await self._explained(image)
         except (ImageError, Overloaded) as e:
             return refused(e)
-        res.update({"explained_class": res["label"], "cam_method": method, "image_png": _b64png(shown),
-                    "heatmap_png": _b64png(heat), "disclaimer": DISCLAIMER})
+        res.update({"explained_class": res["label"], "cam_method": method, "image_png": b64png(shown),
+                    "heatmap_png": b64png(heat), "disclaimer": DISCLAIMER})
         return JSONResponse(res)
 
     @bentoml.api(route="/report")
