@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.config import Paths, load_params
-from covid_cxr.jsonio import write_json_atomic
+from covid_cxr.jsonio import read_json, write_json_atomic
 
 KEY_METRICS = ("accuracy", "macro_f1", "covid_recall")
 DEFAULT_TOLERANCE = 0.005
@@ -109,7 +109,7 @@ def champion_metrics(paths: Paths, champion: dict[str, Any] | None) -> dict[str,
     split when artifacts/gate.json names the Bento now in production, else the recorded ones."""
     if not champion:
         return None
-    gate = _read_json(paths.gate)
+    gate = read_json(paths.gate)
     gc = gate.get("champion") if isinstance(gate, dict) else None
     if isinstance(gc, dict) and gc.get("bento") == champion.get("bento") and gc.get("metrics"):
         return gc["metrics"]
@@ -133,13 +133,6 @@ def decide(paths: Paths, bento: str, metrics: dict[str, Any], force: bool = Fals
 # ---------------------------------------------------------------------------------------------
 # the record
 # ---------------------------------------------------------------------------------------------
-def _read_json(p: Path) -> Any:
-    try:
-        return json.loads(Path(p).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_record(paths: Paths | None = None) -> dict[str, Any]:
     """The whole record ({"bento": None, "history": []} when nothing was ever promoted)."""
     paths = paths or Paths()
