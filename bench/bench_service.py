@@ -16,6 +16,8 @@ into decode / queue / model.
     .venv/bin/python bench/bench_service.py                        # production Bento, else artifacts/model
     .venv/bin/python bench/bench_service.py --model-dir artifacts/model
     .venv/bin/python bench/bench_service.py --bento covid_cxr:<version> --json out.json
+    .venv/bin/python bench/bench_service.py --model-dir D --service bench.batching_variants:SelfCall \
+        --concurrency 1,4,16 --no-inproc          # another service definition, API figures only
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def pick_target(args) -> tuple[list[str], dict[str, str], Path, str]:
     """-> (serve target args, extra env, model directory for the in-process side, label)."""
     if args.model_dir:
         d = Path(args.model_dir).resolve()
-        return ["covid_cxr.serve.service:CovidCxr"], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"dir {d}"
+        return [args.service], {"COVID_CXR_MODEL_DIR": str(d)}, d, f"{args.service} | dir {d}"
     import bentoml
 
     tag = args.bento
@@ -140,7 +142,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def latency(port: int, bodies: list[bytes], n: int, inproc: "InProcess") -> dict:
+def latency(port: int, bodies: list[bytes], n: int, inproc: "InProcess | None") -> dict:
     """n sequential requests on one keep-alive connection (stdlib client: minimal client cost),
     each paired with one raw in-process forward pass right after it: on a shared machine both
     halves of a pair see the same load, so the per-pair ratio is the robust number."""
@@ -160,9 +162,13 @@ def latency(port: int, bodies: list[bytes], n: int, inproc: "InProcess") -> dict
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {body[:300]!r}")
             server_timing(r.getheader("server-timing") or "", parts)
-            raw.append(inproc.forward_once(i))
+            if inproc is not None:
+                raw.append(inproc.forward_once(i))
     finally:
         conn.close()
+    if inproc is None:
+        return {"p50_ms": 1000 * pct(lat, 0.5), "p95_ms": 1000 * pct(lat, 0.95),
+                "server_ms": {k: statistics.median(v) for k, v in parts.items()}}
     return {"p50_ms": 1000 * pct(lat, 0.5), "p95_ms": 1000 * pct(lat, 0.95),
             "raw_forward_p50_ms": 1000 * pct(raw, 0.5),
             "p50_over_raw": pct(lat, 0.5) / pct(raw, 0.5),
@@ -171,11 +177,13 @@ def latency(port: int, bodies: list[bytes], n: int, inproc: "InProcess") -> dict
 
 
 async def load(url: str, bodies: list[bytes], n: int, conc: int) -> dict:
-    """n POST /predict with `conc` in flight; -> throughput, latencies, batch sizes seen."""
+    """n POST /predict with `conc` in flight; -> throughput and latencies of the answered ones,
+    batch sizes seen, and how many the service shed (503 overloaded)."""
     import httpx
 
     lat: list[float] = []
     sizes: list[int] = []
+    shed: list[int] = []
     parts: dict[str, list[float]] = {}
     nxt = 0
     limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
@@ -187,6 +195,9 @@ async def load(url: str, bodies: list[bytes], n: int, conc: int) -> dict:
                 nxt += 1
                 t = time.perf_counter()
                 r = await c.post("/predict", content=bodies[i % len(bodies)], headers={"Content-Type": CTYPE})
+                if r.status_code == 503 and r.json().get("error") == "overloaded":
+                    shed.append(i)  # the batching queue gave up on it (COVID_CXR_BATCH_MAX_LATENCY_MS)
+                    continue
                 lat.append(time.perf_counter() - t)
                 if r.status_code != 200:
                     raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
@@ -198,7 +209,7 @@ async def load(url: str, bodies: list[bytes], n: int, conc: int) -> dict:
         await asyncio.gather(*(worker() for _ in range(conc)))
         wall = time.perf_counter() - t0
     lat.sort()
-    return {"n": n, "rps": n / wall, "p50_ms": 1000 * lat[len(lat) // 2],
+    return {"n": n, "rps": len(lat) / wall, "shed": len(shed), "p50_ms": 1000 * lat[len(lat) // 2],
             "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
             "mean_batch": statistics.mean(sizes), "max_batch": max(sizes),
             "server_ms": {k: statistics.median(v) for k, v in parts.items()}}
@@ -256,6 +267,9 @@ async def main() -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
                     help="torch threads, both sides (default: the service's default, all cores but one)")
     ap.add_argument("--concurrency", default="1,4,8")
+    ap.add_argument("--service", default="covid_cxr.serve.service:CovidCxr",
+                    help="the service to serve with --model-dir (import path)")
+    ap.add_argument("--no-inproc", action="store_true", help="API figures only (no in-process reference)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -269,8 +283,8 @@ async def main() -> None:
     res: dict = {"target": label, "threads": args.threads}
     try:
         await wait_ready(url, proc, log)
-        inproc = InProcess(model_dir, args.threads, images)
-        res["image_size"] = inproc.model.size
+        inproc = None if args.no_inproc else InProcess(model_dir, args.threads, images)
+        res["image_size"] = json.loads((model_dir / "model.json").read_text())["image_size"]
         bodies = [multipart(b, f"{i}.png") for i, b in enumerate(images)]
         await load(url, bodies, 32, 4)  # warm-up: connections, allocator, dispatcher latency model
 
@@ -281,46 +295,57 @@ async def main() -> None:
             # Interleaved rounds (API burst, then the same number of images in-process), so that
             # both sides of each ratio see the same background load; report medians over rounds.
             n = max(args.requests // rounds, 4 * conc)
-            api_r, fwd_r, pipe_r, p50s, batches, maxb = [], [], [], [], [], 0
+            api_r, fwd_r, pipe_r, p50s, p95s, batches, maxb, shed = [], [], [], [], [], [], 0, 0
             for _ in range(rounds):
                 api = await load(url, bodies, n, conc)
                 api_r.append(api["rps"])
                 p50s.append(api["p50_ms"])
+                p95s.append(api["p95_ms"])
                 batches.append(api["mean_batch"])
                 maxb = max(maxb, api["max_batch"])
-                fwd_r.append(inproc.forward_ips(conc, n))
-                pipe_r.append(inproc.pipeline_ips(conc, n))
-            res["throughput"].append({
-                "concurrency": conc, "rounds": rounds, "requests_per_round": n,
-                "api_rps": statistics.median(api_r), "api_p50_ms": statistics.median(p50s),
-                "mean_batch": statistics.mean(batches), "max_batch": maxb,
-                "inproc_forward_ips": statistics.median(fwd_r), "inproc_pipeline_ips": statistics.median(pipe_r),
-                "ratio_forward": statistics.median(a / b for a, b in zip(api_r, fwd_r)),
-                "ratio_pipeline": statistics.median(a / b for a, b in zip(api_r, pipe_r))})
+                shed += api["shed"]
+                if inproc is not None:
+                    fwd_r.append(inproc.forward_ips(conc, n))
+                    pipe_r.append(inproc.pipeline_ips(conc, n))
+            t = {"concurrency": conc, "rounds": rounds, "requests_per_round": n,
+                 "api_rps": statistics.median(api_r), "api_p50_ms": statistics.median(p50s),
+                 "api_p95_ms": statistics.median(p95s),
+                 "mean_batch": statistics.mean(batches), "max_batch": maxb, "shed": shed}
+            if inproc is not None:
+                t.update({"inproc_forward_ips": statistics.median(fwd_r),
+                          "inproc_pipeline_ips": statistics.median(pipe_r),
+                          "ratio_forward": statistics.median(a / b for a, b in zip(api_r, fwd_r)),
+                          "ratio_pipeline": statistics.median(a / b for a, b in zip(api_r, pipe_r))})
+            res["throughput"].append(t)
     finally:
         stop_server(proc)
 
     L = res["latency"]
-    print(f"\nsingle request: p50 {L['p50_ms']:.1f} ms, p95 {L['p95_ms']:.1f} ms | one raw forward (batch 1) "
-          f"p50 {L['raw_forward_p50_ms']:.1f} ms | p50/raw = {L['p50_over_raw']:.2f}x, median paired ratio "
-          f"{L['paired_ratio_median']:.2f}x (target <= 1.5x)")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    print(f"\nsingle request: p50 {L['p50_ms']:.1f} ms, p95 {L['p95_ms']:.1f} ms", end="")
+    if "raw_forward_p50_ms" in L:
+        print(f" | one raw forward (batch 1) p50 {L['raw_forward_p50_ms']:.1f} ms | p50/raw = "
+              f"{L['p50_over_raw']:.2f}x, median paired ratio {L['paired_ratio_median']:.2f}x (target <= 1.5x)", end="")
+    print()
     sm = L["server_ms"]
     if sm:
         inside = sum(sm.values())
         print("  inside the service (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in sm.items())
               + f"; the rest (HTTP, BentoML, multipart, client): {L['p50_ms'] - inside:.1f}")
-    print(f"\n{'conc':>4} {'API req/s':>10} {'p50 ms':>7} {'batch':>9} | {'fwd img/s':>9} {'API/fwd':>7} | "
-          f"{'pipe img/s':>10} {'API/pipe':>8}")
+    inproc = "inproc_forward_ips" in res["throughput"][0]
+    print(f"\n{'conc':>4} {'API req/s':>10} {'p50 ms':>7} {'p95 ms':>7} {'batch':>9} {'503':>4}"
+          + (f" | {'fwd img/s':>9} {'API/fwd':>7} | {'pipe img/s':>10} {'API/pipe':>8}" if inproc else ""))
     for t in res["throughput"]:
-        print(f"{t['concurrency']:>4} {t['api_rps']:>10.1f} {t['api_p50_ms']:>7.1f} "
-              f"{t['mean_batch']:>5.1f}/{t['max_batch']:<3} | {t['inproc_forward_ips']:>9.1f} {t['ratio_forward']:>7.2f} | "
-              f"{t['inproc_pipeline_ips']:>10.1f} {t['ratio_pipeline']:>8.2f}")
-    last = res["throughput"][-1]
-    print(f"\n(ratios: median over {last['rounds']} interleaved rounds of API vs in-process)")
-    print(f"API / in-process batched forward at concurrency {last['concurrency']}: {last['ratio_forward']:.2f} "
-          f"(target >= 0.8); vs in-process decode+forward: {last['ratio_pipeline']:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+        print(f"{t['concurrency']:>4} {t['api_rps']:>10.1f} {t['api_p50_ms']:>7.1f} {t['api_p95_ms']:>7.1f} "
+              f"{t['mean_batch']:>5.1f}/{t['max_batch']:<3} {t['shed']:>4}"
+              + (f" | {t['inproc_forward_ips']:>9.1f} {t['ratio_forward']:>7.2f} | "
+                 f"{t['inproc_pipeline_ips']:>10.1f} {t['ratio_pipeline']:>8.2f}" if inproc else ""))
+    if inproc:
+        last = res["throughput"][-1]
+        print(f"\n(ratios: median over {last['rounds']} interleaved rounds of API vs in-process)")
+        print(f"API / in-process batched forward at concurrency {last['concurrency']}: {last['ratio_forward']:.2f} "
+              f"(target >= 0.8); vs in-process decode+forward: {last['ratio_pipeline']:.2f}")
 
 
 if __name__ == "__main__":

@@ -192,11 +192,11 @@ def test_oversized_dicom_is_refused_before_decoding(gray):
 
 def test_service_maps_dicom_codes_to_422():
     """The service maps unknown ImageError codes to 422; none of ours is in its table."""
-    from covid_cxr.serve import service
+    from covid_cxr.serve.guard import STATUS
 
     for code in ("dicom_not_radiograph", "dicom_lateral", "dicom_multiframe", "dicom_no_pixels",
                  "dicom_unsupported", "corrupt"):
-        assert service.STATUS.get(code, 422) == 422
+        assert STATUS.get(code, 422) == 422
 
 
 # --------------------------------------------------------------------------- privacy

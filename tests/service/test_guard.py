@@ -10,7 +10,9 @@ import asyncio
 import httpx
 import pytest
 
-from covid_cxr.serve import service
+from covid_cxr.serve import guard
+from covid_cxr.serve.settings import ServeSettings
+from covid_cxr.serve.uploads import decode_upload
 
 
 async def echo_app(scope, receive, send):
@@ -36,7 +38,7 @@ def call(env: dict, monkeypatch, method="POST", path="/predict", headers=None, c
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    app = service.GuardMiddleware(echo_app)
+    app = guard.GuardMiddleware(echo_app)
     headers = {**(FORM if form else {}), **(headers or {})}
 
     async def go():
@@ -51,12 +53,12 @@ def test_limits_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("COVID_CXR_MAX_PIXELS", "1000000")
     monkeypatch.setenv("COVID_CXR_MAX_BATCH_FILES", "4")
     monkeypatch.setenv("COVID_CXR_API_TOKEN", "abc")
-    lim = service.Limits()
+    lim = ServeSettings()
     assert lim.max_upload_bytes == int(2.5 * 1024 * 1024)
     assert lim.max_pixels == 1_000_000 and lim.max_files == 4 and lim.token == "abc"
     for k in ("COVID_CXR_MAX_UPLOAD_MB", "COVID_CXR_MAX_PIXELS", "COVID_CXR_MAX_BATCH_FILES", "COVID_CXR_API_TOKEN"):
         monkeypatch.delenv(k)
-    lim = service.Limits()
+    lim = ServeSettings()
     assert lim.max_upload_bytes == 20 * 1024 * 1024 and lim.max_pixels == 100_000_000 and lim.token is None
 
 
@@ -64,7 +66,7 @@ def test_limits_come_from_the_environment(monkeypatch):
 def test_bad_limit_values_fail_loudly(monkeypatch, bad):
     monkeypatch.setenv("COVID_CXR_MAX_UPLOAD_MB", bad)
     with pytest.raises(ValueError, match="COVID_CXR_MAX_UPLOAD_MB"):
-        service.Limits()
+        ServeSettings()
 
 
 def test_no_token_configured_means_open(monkeypatch):
@@ -106,7 +108,7 @@ def test_size_limit_when_streamed_without_length(monkeypatch):
 
 
 def test_error_statuses_are_all_4xx():
-    assert all(400 <= s < 500 for s in service.STATUS.values())
+    assert all(400 <= s < 500 for s in guard.STATUS.values())
 
 
 def test_image_routes_take_form_or_json_only(monkeypatch):
@@ -118,7 +120,7 @@ def test_image_routes_take_form_or_json_only(monkeypatch):
 
 
 def test_decode_applies_the_configured_limits(monkeypatch, tmp_path):
-    """The service's decode step uses Limits (env) for pixels and minimum side."""
+    """The service's decode step uses ServeSettings (env) for pixels and minimum side."""
     import numpy as np
     from PIL import Image
 
@@ -127,23 +129,20 @@ def test_decode_applies_the_configured_limits(monkeypatch, tmp_path):
     monkeypatch.setenv("COVID_CXR_MAX_PIXELS", "10000")
     monkeypatch.setenv("COVID_CXR_MIN_SIDE", "20")
 
-    class Fake:
-        limits = service.Limits()
-
-    decode = service.CovidCxr.inner._decode
+    settings = ServeSettings()
     ok = tmp_path / "ok.png"
     Image.fromarray(np.full((90, 100), 7, np.uint8)).save(ok)            # 9000 px
-    up = decode(Fake(), ok)
+    up = decode_upload(ok, settings)
     assert up.gray.shape == (90, 100)
     assert up.rule == "not_xray_blank"  # a constant frame: decoded, but not an X-ray
     assert up.info["width"] == 100 and up.info["format"] == "PNG" and len(up.info["sha256"]) == 64
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((101, 100), np.uint8)).save(big)             # 10100 px
     with pytest.raises(ImageError) as e:
-        decode(Fake(), big)
+        decode_upload(big, settings)
     assert e.value.code == "too_large"
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((19, 50), np.uint8)).save(small)
     with pytest.raises(ImageError) as e:
-        decode(Fake(), small)
+        decode_upload(small, settings)
     assert e.value.code == "too_small"

@@ -105,8 +105,8 @@ def test_package_builds_a_bento_pinned_to_the_model(packaged, bentoml_home, test
     by = yaml.safe_load((bdir / "bento.yaml").read_text())
     assert [m["tag"] for s in by["services"] for m in s["models"]] == [rec["model"]]
     assert by["labels"]["gate"] == "passed" and by["labels"]["data_md5"] == meta["data_md5"]
-    for f in ("covid_cxr/serve/service.py", "covid_cxr/data/preprocess.py", "covid_cxr/model/gradcam.py",
-              "covid_cxr/serve/web/index.html", "covid_cxr/serve/web/app.js"):
+    for f in ("covid_cxr/serve/service.py", "covid_cxr/serve/bentoml_private.py", "covid_cxr/data/preprocess.py",
+              "covid_cxr/model/gradcam.py", "covid_cxr/serve/web/index.html", "covid_cxr/serve/web/app.js"):
         assert (bdir / "src" / f).is_file(), f
     reqs = (bdir / "env" / "python" / "requirements.txt").read_text()
     assert "torch==" in reqs and "bentoml==" in reqs

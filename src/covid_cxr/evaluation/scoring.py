@@ -60,7 +60,7 @@ def concat(parts: Sequence[Predictions]) -> Predictions:
 # thread pool (Pillow's decoders, its resize and hashlib release the GIL) while the main thread
 # runs the model on the previous batch, so decoding overlaps the forward pass instead of adding
 # to it. Each decoded file goes through exactly what the service does with an upload
-# (`service.CovidCxr._decode`): open_image -> the min-side check -> to_gray -> xray_rule ->
+# (`serve.uploads.decode_upload`): open_image -> the min-side check -> to_gray -> xray_rule ->
 # resize_gray, then `LoadedModel.predict` on the batch.
 
 MIN_SIDE = 16       # the service's default (COVID_CXR_MIN_SIDE)

@@ -5,7 +5,7 @@
     covid-cxr serve --model-dir artifacts/model   # local dev: the service code + a model directory
 
 The process is replaced by `python -m bentoml serve ...`, so Ctrl-C and signals reach the
-server directly. Limits, token and batching are environment variables (see service.py).
+server directly. Limits, token and batching are environment variables (see settings.py).
 """
 from __future__ import annotations
 

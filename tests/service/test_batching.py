@@ -1,0 +1,77 @@
+"""Unit tests of the adaptive batcher (serve/batching.py), in-process, with a fake model:
+concurrent requests share forward passes, a request longer than the room left in a pass
+is split across two, and every request gets its own rows of `Predictions` back, in order,
+with its own not-an-X-ray rules applied."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from covid_cxr.model.checkpoint import Predictions
+from covid_cxr.model.verdict import Policy, decide
+from covid_cxr.serve.batching import Batcher, Scored
+
+
+def fake_predict(calls: list[int]):
+    """Class probabilities from each image's constant value v: p = softmax([v, 0, 0]/50)."""
+
+    def predict(grays, not_xray=None) -> Predictions:
+        calls.append(len(grays))
+        v = grays.reshape(len(grays), -1)[:, 0].astype(np.float64)
+        logits = np.stack([v / 50, np.zeros_like(v), np.zeros_like(v)], axis=1)
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        novelty = v / 1000
+        novel = novelty > 0.2
+        verdict, reason = decide(probs, novel, Policy(min_confidence=0.0), not_xray)
+        return Predictions(logits, probs, novelty, novel, verdict, reason)
+
+    return predict
+
+
+def image(v: int) -> np.ndarray:
+    return np.full((8, 8), v, np.uint8)
+
+
+def test_requests_share_forward_passes_and_get_their_own_rows_back():
+    calls: list[int] = []
+
+    async def go() -> list[Scored]:
+        b = Batcher(fake_predict(calls), max_batch_size=4, max_latency_ms=200)
+        jobs = [[10], [20, 30, 250], [40, 50], [60]]
+        rules = [[None], [None, "not_xray_blank", None], [None, None], ["not_xray_colour"]]
+        try:
+            return await asyncio.gather(*(b([image(v) for v in job], r) for job, r in zip(jobs, rules)))
+        finally:
+            assert sum(n * k for n, k in b.sizes.items()) == sum(calls) == 7
+            b.shutdown()
+
+    out = asyncio.run(go())
+    assert max(calls) <= 4 and len(calls) < 7  # batched, never over max_batch_size
+    assert all(isinstance(s, Scored) and isinstance(s.pred, Predictions) for s in out)
+    expect = [[10], [20, 30, 250], [40, 50], [60]]
+    for s, vals in zip(out, expect):
+        assert s.pred.probs.shape == (len(vals), 3) and s.pred.logits.shape == (len(vals), 3)
+        np.testing.assert_allclose(s.pred.logits[:, 0], np.array(vals) / 50)
+        np.testing.assert_allclose(s.pred.novelty, np.array(vals) / 1000)
+        assert 1 <= s.batch_size <= 4 and s.forward_ms >= 0
+    assert out[1].pred.reason == [None, "not_an_xray", "outside_training_data"]
+    assert out[1].pred.verdict == ["ok", "refer", "refer"] and out[1].pred.novel.tolist() == [False, False, True]
+    assert out[3].pred.reason == ["not_an_xray"] and out[0].pred.reason == [None]
+    assert out[0].pred.labels == ["COVID"]  # logits (0.2, 0, 0)
+
+
+def test_a_request_longer_than_a_batch_is_split_and_reassembled():
+    calls: list[int] = []
+
+    async def go() -> Scored:
+        b = Batcher(fake_predict(calls), max_batch_size=3, max_latency_ms=50)
+        try:
+            return await b([image(v) for v in range(0, 140, 20)], [None] * 7)
+        finally:
+            b.shutdown()
+
+    s = asyncio.run(go())
+    assert max(calls) <= 3 and sum(calls) == 7
+    np.testing.assert_allclose(s.pred.logits[:, 0], np.arange(0, 140, 20) / 50)
+    assert len(s.pred.verdict) == len(s.pred.reason) == 7 and s.batch_size <= 3
