@@ -12,7 +12,7 @@ from typing import Any
 
 import bentoml
 
-from covid_cxr.serve.modelcard import MODEL_NAME
+from covid_cxr.serve.metadata import MODEL_NAME
 
 
 def dev_model_dir() -> str | None:

@@ -51,7 +51,7 @@ from covid_cxr.serve import multipart
 from covid_cxr.serve.answers import answer, b64png, cam_images, refused, timing_headers
 from covid_cxr.serve.batching import Batcher, Overloaded
 from covid_cxr.serve.guard import GuardMiddleware, error_response
-from covid_cxr.serve.modelcard import DISCLAIMER, describe
+from covid_cxr.serve.metadata import DISCLAIMER, describe
 from covid_cxr.serve.modelsource import dev_model_dir, locate_model, store_model_ref
 from covid_cxr.serve.predlog import PredictionLog
 from covid_cxr.serve.settings import ServeSettings, torch_threads
@@ -270,7 +270,7 @@ class CovidCxr:
         return JSONResponse(self.describe())
 
     def describe(self) -> dict[str, Any]:
-        """Model card fields for /metadata (modelcard.py)."""
+        """Model card fields for /metadata (metadata.py)."""
         return describe(self.model_dir, self.model_tag, self.store_info, self.ready, self.settings,
                         self.batcher.sizes if self.batcher else {})
 
