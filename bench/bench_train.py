@@ -27,7 +27,7 @@ import torch
 from covid_cxr.config import CLASSES, Paths, load_params, train_config
 from covid_cxr.data.cache import decoded
 from covid_cxr.model.nets import arch_norm, build
-from covid_cxr.model.train import image_dls, pooled_features
+from covid_cxr.model.train import embeddings, image_dls
 
 
 def _fit_rate(learn, n_imgs: int) -> float:
@@ -120,7 +120,7 @@ def main() -> None:
     from fastai.data.load import DataLoader
 
     t = time.perf_counter()
-    f = pooled_features(net, cache[tr], norm, bs=64, desc="features once")
+    f, _ = embeddings(net, cache[tr], norm, bs=64, desc="features once")
     once = time.perf_counter() - t
     y = torch.as_tensor(labels[tr])
     fd = DataLoaders(DataLoader(list(zip(f, y)), bs=bs, shuffle=True), DataLoader(list(zip(f[:bs], y[:bs])), bs=bs),
