@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prefect.schedules import Cron  # noqa: E402
 
-from covid_cxr.orchestrate import steps as orch  # noqa: E402
+
+from covid_cxr.orchestrate import shell  # noqa: E402
 from covid_cxr.config import load_params, project_root  # noqa: E402
 from retrain import retrain  # noqa: E402
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         timezone=a.timezone,
         incoming=[str(Path(p).resolve()) for p in a.incoming],
         inbox=str(Path(a.inbox).resolve()) if a.inbox else None,
-        remote=orch.normalize_remote(a.remote),
+        remote=shell.normalize_remote(a.remote),
         commit=a.commit,
         root=str(root),
         backoff_s=a.backoff_s,

@@ -1,6 +1,6 @@
 """Retraining flow: inbox -> sync -> ingest -> version -> rebuild -> gate -> package -> promote -> summary.
 
-A thin Prefect 3 shell over `covid_cxr.orchestrate.steps` / `covid_cxr.orchestrate.inbox` / `covid_cxr.orchestrate.ingest` / `covid_cxr.release.registry`
+A thin Prefect 3 shell over `covid_cxr.orchestrate.steps` / `covid_cxr.orchestrate.shell` / `covid_cxr.orchestrate.inbox` / `covid_cxr.orchestrate.ingest` / `covid_cxr.release.registry`
 (which drive `dvc`, `git` and `covid-cxr`, the same entry points dvc.yaml and people use).
 Run once from the project root:
 
@@ -37,6 +37,7 @@ from prefect.states import Completed  # noqa: E402
 from covid_cxr.orchestrate import inbox as inbox_mod  # noqa: E402
 from covid_cxr.orchestrate.ingest import ingest_batch  # noqa: E402
 from covid_cxr.orchestrate import steps as orch  # noqa: E402
+from covid_cxr.orchestrate import shell  # noqa: E402
 from covid_cxr.config import Paths, project_root  # noqa: E402
 
 SUMMARY_KEY = "retrain-summary"
@@ -68,14 +69,14 @@ def record_batches(root: str, batches: list[dict[str, Any]], outcome: str, data_
 
     inbox_mod.record(paths, batches, outcome, data_version=data_version, flow_run=str(flow_run.id or ""))
     if commit:
-        orch.git_commit_files(Path(root), [paths.ledger],
+        shell.git_commit_files(Path(root), [paths.ledger],
                               "inbox: processed " + ", ".join(b["name"] for b in batches), log=_log())
 
 
 @task(name="sync", retries=3, retry_delay_seconds=NETWORK_DELAYS, retry_jitter_factor=0.2, cache_policy=NO_CACHE)
 def sync(root: str, remote: str | None) -> None:
     """`dvc pull data.dvc`: the data version this checkout pins."""
-    orch.dvc_pull(Path(root), remote, log=_log())
+    shell.dvc_pull(Path(root), remote, log=_log())
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=LOCAL_DELAYS, cache_policy=NO_CACHE)
@@ -86,23 +87,23 @@ def ingest(batch: str, root: str) -> dict[str, Any]:
 
 @task(name="dvc-add", retries=1, retry_delay_seconds=LOCAL_DELAYS, cache_policy=NO_CACHE)
 def dvc_add(root: str) -> str:
-    return orch.dvc_add_data(Path(root), log=_log())
+    return shell.dvc_add_data(Path(root), log=_log())
 
 
 @task(name="dvc-push", retries=3, retry_delay_seconds=NETWORK_DELAYS, retry_jitter_factor=0.2, cache_policy=NO_CACHE)
 def dvc_push(root: str, remote: str | None) -> None:
-    orch.dvc_push(Path(root), remote, log=_log())
+    shell.dvc_push(Path(root), remote, log=_log())
 
 
 @task(name="git-commit", retries=1, retry_delay_seconds=LOCAL_DELAYS, cache_policy=NO_CACHE)
 def git_commit(root: str, message: str) -> str | None:
-    return orch.git_commit_data(Path(root), message, log=_log())
+    return shell.git_commit_data(Path(root), message, log=_log())
 
 
 @task(name="rebuild", retries=1, retry_delay_seconds=BUILD_DELAYS, cache_policy=NO_CACHE)
 def rebuild(root: str, timeout_s: float | None) -> None:
     """`dvc repro gate` (only what changed). A retry resumes at the stage that failed."""
-    orch.rebuild(Path(root), log=_log(), timeout=timeout_s)
+    shell.rebuild(Path(root), log=_log(), timeout=timeout_s)
 
 
 @task(name="gate", retries=0, cache_policy=NO_CACHE)
@@ -255,7 +256,7 @@ def retrain(
         if not decision.get("passed"):
             reasons = "; ".join(decision.get("reasons") or []) or "no reasons given"
             settle("gate failed")
-            raise orch.StepError(f"gate failed, production unchanged: {reasons}")
+            raise shell.StepError(f"gate failed, production unchanged: {reasons}")
 
         metrics = decision.get("metrics") or {}
         if orch.same_as_champion(root_p, metrics, summary["champion"]):
@@ -284,7 +285,7 @@ def retrain(
     except Exception as e:
         summary["error"] = f"{type(e).__name__}: {e}"
         log.error("retraining failed at step %r: %s", summary["step"], e)
-        raise orch.StepError(f"retraining failed at step '{summary['step']}': {e}") from e
+        raise shell.StepError(f"retraining failed at step '{summary['step']}': {e}") from e
     finally:
         try:
             publish_summary(summary)
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     state = retrain(
         incoming=[str(Path(p).resolve()) for p in a.incoming] or None,
         inbox=str(Path(a.inbox).resolve()) if a.inbox else None,
-        remote=orch.normalize_remote(a.remote),
+        remote=shell.normalize_remote(a.remote),
         commit=a.commit,
         root=a.root,
         backoff_s=a.backoff_s,

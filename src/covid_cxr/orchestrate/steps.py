@@ -12,10 +12,7 @@ from typing import Any
 
 from covid_cxr.config import Paths
 from covid_cxr.jsonio import read_json
-from covid_cxr.orchestrate.shell import (  # noqa: F401 - the flow's step helpers, in one namespace
-    CommandFailed, Log, StepError, data_version, dvc_add_data, dvc_pull, dvc_push, dvc_repro, git_commit_data,
-    git_commit_files, normalize_remote, rebuild, remote_name, run, tool_env,
-)
+from covid_cxr.orchestrate.shell import Log, StepError, run
 from covid_cxr.release.promotion import KEY_METRICS
 
 
