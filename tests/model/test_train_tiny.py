@@ -67,6 +67,11 @@ def test_evaluate_writes_metrics_plots_report_and_card(trained_tiny):
     assert "not a diagnostic" in card.lower() or "not for diagnos" in card.lower()
     assert "paediatric" in card and "ECE" in card
     assert "Outside the training sources" in card
+    # the card names the novelty parts this model was fitted with, in words
+    from covid_cxr.evaluation.modelcard import PART_WORDS
+
+    for part in json.loads((p.model_dir / "model.json").read_text())["ood"]["scales"]:
+        assert PART_WORDS[part] in card
     assert 0 <= m["flagged"] <= 1 and "shortcut_probes" in m
     report = (p.eval_dir / "report.md").read_text()
     assert "Shortcut probes" in report and "Outside the training sources" in report

@@ -68,6 +68,34 @@ def test_energy_part_flags_films_no_class_claims():
     torch.testing.assert_close(again.score(x, None, flat), nov.score(x, None, flat))
 
 
+def test_knn_part_flags_a_film_between_the_sources_of_one_class():
+    # one class made of two far-apart sources (as COVID is): a film halfway between them sits near
+    # the class mean, so the Gaussian part calls it typical; its nearest training films are far
+    rng = np.random.default_rng(2)
+    d = 16
+    src = np.zeros((2, d))
+    src[0, 0], src[1, 0] = -6.0, 6.0
+    train = np.concatenate([src[i] + rng.normal(0, 1, (300, d)) for i in (0, 1)])
+    valid = torch.tensor(np.concatenate([src[i] + rng.normal(0, 1, (150, d)) for i in (0, 1)]), dtype=torch.float32)
+    y = np.zeros(len(train), int)
+    between = torch.tensor(rng.normal(0, 1, (40, d)), dtype=torch.float32)  # halfway: the class mean
+    knn = Novelty.fit({"content": train}, y, {"content": valid}, 0.99, {"knn": 8}, ("knn",), 1.0, 10)
+    gauss = Novelty.fit({"content": train}, y, {"content": valid}, 0.99, {"content": 8}, ("content",), 1.0)
+    assert (knn.score(between) > knn.threshold).float().mean() > 0.9
+    assert (gauss.score(between) > gauss.threshold).float().mean() < 0.1
+    assert (knn.score(valid) > knn.threshold).float().mean() == pytest.approx(0.01, abs=0.01)
+    again = Novelty.from_tensors(knn.tensors(), knn.describe())
+    torch.testing.assert_close(again.score(between), knn.score(between))
+    assert knn.describe()["components"] == {"knn": 8}
+
+
+def test_knn_part_needs_its_k():
+    x = np.random.default_rng(0).normal(0, 1, (50, 4))
+    with pytest.raises(ValueError, match="knn_k"):
+        Novelty.fit({"content": x}, np.zeros(50, int), {"content": torch.tensor(x, dtype=torch.float32)},
+                    0.99, {"knn": 2}, ("knn",), 1.0)
+
+
 def test_group_summary_counts_right_flagged_and_confident_wrong():
     labels = ["Normal"] * 5
     pred = ["Normal", "COVID", "COVID", "COVID", "Normal"]

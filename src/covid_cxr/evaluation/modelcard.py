@@ -7,6 +7,19 @@ from typing import Any
 from covid_cxr.config import CLASSES
 
 
+PART_WORDS = {  # checkpoint.Novelty parts, in words
+    "content": "the Mahalanobis distance of the pooled features from the class means (what the film shows)",
+    "knn": "the distance to the nearest training films in feature space (what the film shows)",
+    "style": "the distance of early-layer activation statistics (how it was acquired and processed)",
+    "energy": "the energy of the calibrated logits (no class claims the film)",
+}
+
+
+def _parts(meta: dict[str, Any]) -> str:
+    parts = list(((meta.get("ood") or {}).get("scales") or {}))
+    return "; ".join(PART_WORDS.get(k, k) for k in parts) or "no parts"
+
+
 def _verdict(meta: dict[str, Any]) -> str:
     v = meta.get("verdict") or {}
     nov = v.get("novelty_threshold")
@@ -47,9 +60,8 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
   might (unsharp masking, blur, gamma, contrast, partial histogram equalisation, noise, JPEG re-compression),
   with label smoothing {p.get('label_smoothing', 0)}.
 - **Verdict**: every answer is `ok` or `refer` (`not_an_xray`, `outside_training_data`, `low_confidence`).
-  The novelty score combines the distance of the pooled features (content) and of early-layer activation
-  statistics (acquisition style) from the training films; {_verdict(meta)}; both fitted on the validation split
-  (`verdict` in params.yaml).
+  The novelty score is the largest of its standardised parts: {_parts(meta)}.
+  {_verdict(meta)[0].upper() + _verdict(meta)[1:]}; both fitted on the validation split (`verdict` in params.yaml).
 
 ## Data
 - Dataset version (DVC `data.dvc` md5): `{meta.get('data_md5')}`.

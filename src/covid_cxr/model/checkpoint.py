@@ -92,8 +92,42 @@ class EnergyPart:
         return {"temperature": torch.tensor(float(self.temperature))}
 
 
-Part = OodModel | EnergyPart
-INPUTS = {"content": "content", "style": "style", "energy": "logits"}  # part -> the features it scores
+@dataclass
+class KnnPart:
+    """Distance to the k-th nearest training film: 1 - cosine similarity in a PCA space of the
+    pooled features. Unlike the Gaussian `content` part it does not assume one blob per class, so
+    it sees films that land between the training films of one class (the COVID class mixes many
+    sources)."""
+
+    mean: torch.Tensor        # (D,)
+    components: torch.Tensor  # (K, D)
+    bank: torch.Tensor        # (N, K) unit-norm projected training features
+    k: int
+
+    def _unit(self, feats: torch.Tensor) -> torch.Tensor:
+        z = (feats.float() - self.mean) @ self.components.T
+        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def score(self, feats: torch.Tensor) -> torch.Tensor:
+        sim = self._unit(feats) @ self.bank.T
+        return 1.0 - sim.topk(min(self.k, self.bank.shape[0]), dim=1).values[:, -1]
+
+    @classmethod
+    def fit(cls, feats: np.ndarray, n_components: int, k: int) -> "KnnPart":
+        x = torch.as_tensor(feats, dtype=torch.float64)
+        mu = x.mean(0)
+        _, _, v = torch.linalg.svd(x - mu, full_matrices=False)
+        part = cls(mu.float(), v[: min(n_components, *x.shape)].float(), torch.empty(0), int(k))
+        part.bank = part._unit(x.float())
+        return part
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "components": self.components, "bank": self.bank,
+                "k": torch.tensor(self.k)}
+
+
+Part = OodModel | EnergyPart | KnnPart
+INPUTS = {"content": "content", "style": "style", "energy": "logits", "knn": "content"}  # part -> its features
 
 
 class Novelty:
@@ -103,7 +137,8 @@ class Novelty:
     - `content`: Mahalanobis + residual (OodModel) on the pooled features (what the film shows);
     - `style`: the same on early-layer activation statistics (how it was acquired and processed;
       nets.STYLE_TAPS);
-    - `energy`: the energy of the temperature-scaled logits (no class claims the film).
+    - `energy`: the energy of the temperature-scaled logits (no class claims the film);
+    - `knn`: distance to the k-th nearest training film's pooled features (KnnPart).
     Each part's score is standardised on the validation split, (s - median) / (quantile - median),
     the novelty score is the largest standardised part, and `threshold` is that score's validation
     quantile. Means and covariances come from train; medians, quantiles and threshold from valid.
@@ -126,11 +161,16 @@ class Novelty:
 
     @classmethod
     def fit(cls, train: dict[str, np.ndarray], labels: np.ndarray, valid: dict[str, torch.Tensor],
-            quantile: float, n_components: dict[str, int], parts: tuple[str, ...], temperature: float) -> "Novelty":
+            quantile: float, n_components: dict[str, int], parts: tuple[str, ...], temperature: float,
+            knn_k: int | None = None) -> "Novelty":
         models: dict[str, Part] = {}
         for k in parts:
             if k == "energy":
                 models[k] = EnergyPart(temperature)
+            elif k == "knn":
+                if knn_k is None:
+                    raise ValueError("the knn novelty part needs verdict.knn_k")
+                models[k] = KnnPart.fit(train[INPUTS[k]], n_components[k], knn_k)
             else:
                 models[k] = OodModel.fit(train[INPUTS[k]], labels, n_components=n_components[k])
         centers, scales = {}, {}
@@ -150,7 +190,7 @@ class Novelty:
         return {"kind": "max of standardised parts: " + ", ".join(self.parts), "threshold": self.threshold,
                 "scales": self.scales, "centers": self.centers,
                 "components": {k: int(m.components.shape[0]) for k, m in self.parts.items()
-                               if isinstance(m, OodModel)}}
+                               if isinstance(m, (OodModel, KnnPart))}}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], desc: dict[str, Any]) -> "Novelty":
@@ -163,6 +203,8 @@ class Novelty:
             g = {n.split(".", 1)[1]: v for n, v in t.items() if n.startswith(k + ".")}
             if k == "energy":
                 parts[k] = EnergyPart(float(g["temperature"]))
+            elif k == "knn":
+                parts[k] = KnnPart(g["mean"], g["components"], g["bank"], int(g["k"]))
             else:
                 parts[k] = OodModel(g["mean"], g["components"], g["class_means"], g["precision"], float("inf"),
                                     g.get("resid_mean"))
