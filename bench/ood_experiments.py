@@ -54,6 +54,7 @@ def main() -> None:
     out = paths.cache.parent / "experiments" / args.name
     paths.model_dir = out / "model"
     paths.eval_dir = out / "eval"
+    paths.train_curves = out / "train"
     t0 = time.perf_counter()
     meta = train(paths, params)
     t_train = time.perf_counter() - t0

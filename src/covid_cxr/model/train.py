@@ -237,8 +237,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
 
     # ---- Phase 2: partial unfreeze, augmented images, discriminative LRs -------------------
     groups = net.body_groups()
-    k = min(int(cfg["unfreeze_groups"]), len(groups))
-    frozen = groups[: len(groups) - k]
+    frozen: list = []
 
     class FrozenInEval(Callback):
         """Frozen groups stay in eval mode: BN statistics fixed, no backward through them."""
@@ -254,12 +253,16 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     loss_func = LabelSmoothingCrossEntropyFlat(eps=eps) if eps > 0 else CrossEntropyLossFlat()
     mix = float(cfg["mixup"])
     final_size = int(cfg.get("final_size") or size)
-    stages = [(size, int(cfg["unfrozen_epochs"]), lr)]
+    stages = [(size, int(cfg["unfrozen_epochs"]), lr, int(cfg["unfreeze_groups"]))]
     if final_size != size and int(cfg["final_epochs"]) > 0:  # progressive resizing (profiles with final_size)
-        stages.append((final_size, int(cfg["final_epochs"]), lr * float(cfg["final_lr_scale"])))
-    for st_size, epochs, st_lr in stages:
+        # the larger size may train fewer groups: the lowest ones cost most at high resolution
+        stages.append((final_size, int(cfg["final_epochs"]), lr * float(cfg["final_lr_scale"]),
+                       int(cfg["final_unfreeze_groups"])))
+    for st_size, epochs, st_lr, k in stages:
         if epochs <= 0:
             continue
+        k = min(k, len(groups))
+        frozen[:] = groups[: len(groups) - k]
         with _timed(f"unfrozen phase @ {st_size}px (top {k} of {len(groups)} groups, {epochs} epochs)", timings):
             st_cache = cache if st_size == size else decoded(df, st_size, paths.root, paths.cache,
                                                               workers=os.cpu_count() or 1)
@@ -291,7 +294,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         ood = Novelty.fit({"content": f_tr.numpy(), "style": s_tr.numpy()}, labels[tr],
                           {"content": f_va, "style": s_va, "logits": logits_va},
                           float(vcfg["novelty_quantile"]), dict(vcfg["components"]),
-                          tuple(vcfg["novelty_parts"]), temperature)
+                          tuple(vcfg["novelty_parts"]), temperature, vcfg.get("knn_k"))
         p_va = torch.softmax(logits_va / temperature, 1).numpy()
         min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
 
