@@ -59,3 +59,24 @@ def test_temperature_scaling_reduces_ece_on_overconfident_logits():
     t = fit_temperature(logits, y)
     assert t > 2
     assert ece(softmax(logits, t), y) < ece(softmax(logits), y) / 2
+
+
+# valid logits of a smoke model (12 films, near-uniform outputs) on which LBFGS returned NaN and
+# left the model with a NaN temperature, so `evaluate` failed (seen in the schedule e2e test)
+FLAT_LOGITS = [[0.1193, 0.2943, -0.1105], [0.0818, 0.0969, -0.1365], [0.0531, 0.0284, 0.0818],
+               [-0.0307, 0.2340, -0.0968], [0.1027, 0.4477, -0.0691], [0.1421, 0.1289, -0.0322],
+               [0.1204, 0.1257, -0.1578], [0.1833, 0.2308, -0.3039], [-0.0312, 0.2171, 0.3011],
+               [-0.0687, -0.0409, 0.3729], [-0.1272, 0.1844, 0.4733], [-0.1374, 0.3602, 0.3516]]
+
+
+def test_temperature_is_finite_and_no_worse_than_one_on_near_flat_logits():
+    import torch
+
+    from covid_cxr.model.train import fit_temperature
+
+    z = torch.tensor(FLAT_LOGITS, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    t = fit_temperature(z.float(), y.numpy())
+    assert np.isfinite(t) and 0.05 <= t <= 20.0
+    nll = lambda temp: float(torch.nn.functional.cross_entropy(z / temp, y))  # noqa: E731
+    assert nll(t) <= nll(1.0) + 1e-9

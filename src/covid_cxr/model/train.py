@@ -135,7 +135,15 @@ def fit_temperature(logits, labels) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    t = float(log_t.detach().exp())
+    if not np.isfinite(t):
+        # LBFGS can diverge to NaN on near-flat logits (a smoke model on a dozen valid films):
+        # fall back to the best of a log-spaced grid over the same bounds
+        grid = torch.linspace(float(np.log(0.05)), float(np.log(20.0)), 401, dtype=torch.float64).exp()
+        with torch.no_grad():
+            nll = torch.stack([torch.nn.functional.cross_entropy(z / g, y) for g in grid])
+        t = float(grid[int(nll.argmin())])
+    return min(max(t, 0.05), 20.0)
 
 
 def live_curves(out_dir: Path):
