@@ -23,7 +23,7 @@ def _parts(meta: dict[str, Any]) -> str:
 def _verdict(meta: dict[str, Any]) -> str:
     v = meta.get("verdict") or {}
     nov = v.get("novelty_threshold")
-    return (f"novelty threshold {nov:.2f}" if nov is not None else "no novelty model") + \
+    return (f"Novelty threshold {nov:.2f}" if nov is not None else "No novelty model") + \
         f", minimum confidence {v.get('min_confidence', 0.0):.3f}"
 
 
@@ -61,7 +61,7 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
   with label smoothing {p.get('label_smoothing', 0)}.
 - **Verdict**: every answer is `ok` or `refer` (`not_an_xray`, `outside_training_data`, `low_confidence`).
   The novelty score is the largest of its standardised parts: {_parts(meta)}.
-  {_verdict(meta)[0].upper() + _verdict(meta)[1:]}; both fitted on the validation split (`verdict` in params.yaml).
+  {_verdict(meta)}; both fitted on the validation split (`verdict` in params.yaml).
 
 ## Data
 - Dataset version (DVC `data.dvc` md5): `{meta.get('data_md5')}`.

@@ -24,6 +24,13 @@ META = "model.json"
 OOD = "ood.safetensors"
 
 
+def _pca(x: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (mean (D,), the top principal directions (K, D)), K = min(n_components, D, N - 1)."""
+    mu = x.mean(0)
+    _, _, v = torch.linalg.svd(x - mu, full_matrices=False)
+    return mu, v[: min(n_components, x.shape[1], x.shape[0] - 1)]
+
+
 @dataclass
 class OodModel:
     """Distance of pooled features from the training X-rays.
@@ -54,11 +61,9 @@ class OodModel:
     @classmethod
     def fit(cls, feats: np.ndarray, labels: np.ndarray, n_components: int = 64) -> "OodModel":
         x = torch.as_tensor(feats, dtype=torch.float64)
-        mu = x.mean(0)
+        mu, comp = _pca(x, n_components)
         xc = x - mu
-        k = min(n_components, x.shape[1], x.shape[0] - 1)
-        _, _, v = torch.linalg.svd(xc, full_matrices=False)
-        comp = v[:k]
+        k = comp.shape[0]
         z = xc @ comp.T
         y = torch.as_tensor(labels)
         cm = torch.stack([z[y == c].mean(0) if (y == c).any() else torch.zeros(k, dtype=z.dtype)
@@ -115,9 +120,8 @@ class KnnPart:
     @classmethod
     def fit(cls, feats: np.ndarray, n_components: int, k: int) -> "KnnPart":
         x = torch.as_tensor(feats, dtype=torch.float64)
-        mu = x.mean(0)
-        _, _, v = torch.linalg.svd(x - mu, full_matrices=False)
-        part = cls(mu.float(), v[: min(n_components, *x.shape)].float(), torch.empty(0), int(k))
+        mu, comp = _pca(x, n_components)
+        part = cls(mu.float(), comp.float(), torch.empty(0), int(k))
         part.bank = part._unit(x.float())
         return part
 

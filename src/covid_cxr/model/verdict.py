@@ -6,7 +6,7 @@ the test-split figures and the gate):
 | reason                  | when                                                              |
 |-------------------------|-------------------------------------------------------------------|
 | `not_an_xray`           | the upload fails the same colour / blank rules as `data check`    |
-| `outside_training_data` | its novelty score (checkpoint.Novelty: what it shows, how it was made) is over threshold |
+| `outside_training_data` | its novelty score (checkpoint.Novelty) is over the threshold      |
 | `low_confidence`        | its calibrated top probability is under `min_confidence`          |
 
 The first that applies is the reason. `label` stays the most probable class either way;
