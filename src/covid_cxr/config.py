@@ -64,4 +64,5 @@ def train_config(params: dict[str, Any]) -> dict[str, Any]:
     cfg["augment"] = dict(t["augment"])
     cfg["label_smoothing"] = t["label_smoothing"]
     cfg["mixup"] = t["mixup"]
+    cfg["ema"] = t["ema"]
     return cfg

@@ -8,7 +8,9 @@ Recipe (params.yaml `train`; speed choices measured in bench/bench_train.py):
    all four), groups left frozen stay in eval mode; discriminative learning rates, one-cycle
    schedules, label smoothing, radiograph-safe augmentation plus another site's processing
    (model/augment.py); progressive resizing when the profile names a `final_size`;
-4. channels_last tensors (+~25% img/s on CPU); torch.compile is a param (off: no gain here).
+4. channels_last tensors (+~25% img/s on CPU); torch.compile is a param (off: no gain here); the
+   final-size epochs may run under bfloat16 autocast, and a weight EMA may replace the last weights
+   (model/callbacks.py).
 Then, on train and valid only: temperature scaling, the novelty model and the refer thresholds.
 Per-epoch loss and accuracy go to DVCLive (artifacts/train/: `dvc plots show`, `dvc exp show`).
 """
@@ -146,30 +148,6 @@ def fit_temperature(logits, labels) -> float:
     return min(max(t, 0.05), 20.0)
 
 
-def live_curves(out_dir: Path):
-    """A DVCLive logger for the per-epoch curves, and the fastai callback that feeds it."""
-    from dvclive import Live
-    from fastai.callback.core import Callback
-
-    live = Live(dir=str(out_dir), save_dvc_exp=False, dvcyaml=None, report=None)
-
-    class LiveCurves(Callback):
-        order = 60  # after fastai's Recorder (50) holds the epoch's values
-
-        def __init__(self, size: int):
-            self.size = size
-
-        def after_epoch(self):
-            train_loss, valid_loss, acc = (float(v) for v in self.learn.recorder.values[-1][:3])
-            live.log_metric("train/loss", train_loss)
-            live.log_metric("valid/loss", valid_loss)
-            live.log_metric("valid/accuracy", acc)
-            live.log_metric("image_size", self.size, plot=False)
-            live.next_step()
-
-    return live, LiveCurves
-
-
 def _timed(name: str, timings: dict[str, float]):
     class _T:
         def __enter__(self):
@@ -196,6 +174,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     from fastai.metrics import accuracy
 
     from covid_cxr.data.cache import decoded
+    from covid_cxr.model.callbacks import bf16_autocast, cpu_has_bf16, live_curves, weight_ema
     from covid_cxr.model.checkpoint import Novelty, save_model
     from covid_cxr.model.nets import arch_norm, build
     from covid_cxr.progress import quiet_fastai_if_not_tty
@@ -261,12 +240,16 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     loss_func = LabelSmoothingCrossEntropyFlat(eps=eps) if eps > 0 else CrossEntropyLossFlat()
     mix = float(cfg["mixup"])
     final_size = int(cfg.get("final_size") or size)
-    stages = [(size, int(cfg["unfrozen_epochs"]), lr, int(cfg["unfreeze_groups"]))]
+    stages = [(size, int(cfg["unfrozen_epochs"]), lr, int(cfg["unfreeze_groups"]), False)]
     if final_size != size and int(cfg["final_epochs"]) > 0:  # progressive resizing (profiles with final_size)
         # the larger size may train fewer groups: the lowest ones cost most at high resolution
         stages.append((final_size, int(cfg["final_epochs"]), lr * float(cfg["final_lr_scale"]),
-                       int(cfg["final_unfreeze_groups"])))
-    for st_size, epochs, st_lr, k in stages:
+                       int(cfg["final_unfreeze_groups"]), bool(cfg["final_bf16"])))
+    ema = weight_ema(net, float(cfg["ema"])) if float(cfg["ema"]) > 0 else None
+    for st_size, epochs, st_lr, k, bf16 in stages:
+        if bf16 and not cpu_has_bf16():
+            typer.echo(f"  {st_size} px: this CPU has no native bfloat16, training in float32")
+            bf16 = False
         if epochs <= 0:
             continue
         k = min(k, len(groups))
@@ -276,6 +259,8 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
                                                               workers=os.cpu_count() or 1)
             dls = image_dls(st_cache, labels, tr, va, cfg, norm, seed=int(cfg["seed"]) + st_size)
             cbs = [FrozenInEval(), LiveCurves(st_size)] + ([MixUp(mix)] if mix > 0 else [])
+            cbs += [bf16_autocast()] if bf16 else []
+            cbs += [ema] if ema is not None else []
             learn = Learner(dls, net, loss_func=loss_func, metrics=accuracy,
                             splitter=lambda m: m.param_groups(), train_bn=False, cbs=cbs)
             quiet_fastai_if_not_tty(learn)
@@ -286,6 +271,8 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
             for row in learn.recorder.values:
                 history.append({"epoch": len(history), "size": st_size, "train_loss": float(row[0]),
                                 "valid_loss": float(row[1]), "valid_accuracy": float(row[2])})
+    if ema is not None:
+        ema.apply()
     if final_size != size:
         cache, size = decoded(df, final_size, paths.root, paths.cache, workers=os.cpu_count() or 1), final_size
 
