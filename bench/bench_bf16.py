@@ -13,32 +13,13 @@ import time
 
 import torch
 
+from bench_freeze import img_per_s  # the same timed training step, every layer training
 from covid_cxr.model.nets import build
 
 
 def _median(times: list[float]) -> float:
     timed = sorted(times[1:])
     return timed[len(timed) // 2]
-
-
-def train_img_per_s(size: int, bf16: bool, steps: int = 10, bs: int = 32) -> float:
-    net = build("mobilenet_v2", pretrained=True).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), 1e-4)
-    x = torch.randn(bs, 3, size, size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 3, (bs,))
-    net.train()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with ctx:
-            out = net(x)
-        loss = torch.nn.functional.cross_entropy(out.float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return bs / _median(times)
 
 
 def infer_img_per_s(size: int, bf16: bool, steps: int = 6, bs: int = 64) -> float:
@@ -60,7 +41,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, bf16 supported by oneDNN: "
           f"{torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     for size in (128, 160, 192, 224):
-        f32, b16 = train_img_per_s(size, False), train_img_per_s(size, True)
+        f32, b16 = img_per_s(size, 0, steps=10), img_per_s(size, 0, steps=10, bf16=True)
         print(f"train  {size} px: float32 {f32:6.1f} img/s   bf16 autocast {b16:6.1f} img/s   x{b16 / f32:.2f}",
               flush=True)
     for size in (192, 224):

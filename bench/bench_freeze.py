@@ -8,6 +8,7 @@ the four parameter groups (nets.py) frozen, as `unfreeze_groups: 3` does.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -15,7 +16,8 @@ import torch
 from covid_cxr.model.nets import build
 
 
-def img_per_s(size: int, n_frozen: int, steps: int = 6, bs: int = 32) -> float:
+def img_per_s(size: int, n_frozen: int, steps: int = 6, bs: int = 32, bf16: bool = False) -> float:
+    """img/s of one training step; `bf16` runs forward and loss under CPU bfloat16 autocast (bench_bf16.py)."""
     net = build("mobilenet_v2", pretrained=True).to(memory_format=torch.channels_last)
     frozen = net.body[:n_frozen]
     for p in frozen.parameters():
@@ -28,7 +30,9 @@ def img_per_s(size: int, n_frozen: int, steps: int = 6, bs: int = 32) -> float:
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(net(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = net(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
