@@ -26,13 +26,15 @@ from covid_cxr.model.verdict import Policy, decide, fit_min_confidence
 
 POLICIES = [  # (novelty parts, novelty quantile, low-confidence quantile)
     (("content", "style", "energy"), 0.99, 0.01),
-    (("content", "style", "energy"), 0.985, 0.015),
     (("knn", "style", "energy"), 0.99, 0.01),
     (("knn", "style", "energy"), 0.985, 0.015),
-    (("knn", "style", "energy"), 0.985, 0.01),
     (("knn", "style", "energy"), 0.985, 0.005),
     (("knn", "content", "style", "energy"), 0.985, 0.015),
     (("knn", "energy"), 0.985, 0.015),
+    (("knn", "energy"), 0.985, 0.005),
+    (("knn", "energy"), 0.98, 0.005),
+    (("knn",), 0.985, 0.005),
+    (("style", "energy"), 0.985, 0.005),
 ]
 
 

@@ -193,8 +193,8 @@ def probes_section(p: dict[str, Any] | None, accuracy: float) -> list[str]:
         f"| test accuracy, whole film | {accuracy:.4f} |",
         f"| test accuracy, lung field blanked | {p['accuracy_lung_blanked']:.4f} |",
         f"| test accuracy, outside of the lung field blanked | {p['accuracy_outside_blanked']:.4f} |",
-        f"| Grad-CAM mass inside the lung field (mean / median) | {p['cam_mass_in_lung_mean']:.3f} / "
-        f"{p['cam_mass_in_lung_median']:.3f} |",
+        f"| Grad-CAM mass inside the lung field (mean / median of {p.get('cam_films', 'all')} films) | "
+        f"{p['cam_mass_in_lung_mean']:.3f} / {p['cam_mass_in_lung_median']:.3f} |",
         "",
         "Chance is about 0.33–0.44 here. An accuracy well above chance with the lungs blanked means the model "
         "reads something besides the lungs (borders, markers, the source's look) — the shortcut this dataset "
@@ -255,7 +255,7 @@ def evaluate(paths: Paths | None = None, params: dict[str, Any] | None = None) -
     from covid_cxr.evaluation.probes import shortcut_probes
 
     m["shortcut_probes"] = shortcut_probes(pred["model"], np.asarray(pred["images"]), pred["y"],
-                                           params["evaluate"]["lung_box"])
+                                           params["evaluate"]["lung_box"], params["evaluate"]["cam_films"])
     ext_file = paths.eval_dir / "external.json"
     ext = json.loads(ext_file.read_text()) if ext_file.exists() else None
     raw, cal = softmax(pred["pred"].logits), pred["pred"].probs

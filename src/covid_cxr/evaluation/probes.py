@@ -5,7 +5,9 @@ Reported only; no gate reads them.
   that still scores high is reading borders, markers and the source's look;
 - accuracy with everything *outside* the lung field blanked: what the lungs alone support;
 - the share of Grad-CAM mass inside the central lung field (its share of the image area is
-  the level a map blind to anatomy would reach).
+  the level a map blind to anatomy would reach), on a seeded sample of `evaluate.cam_films`
+  test films: a backward pass per film is the probe's cost, and its mean settles within a few
+  hundred films.
 The lung field is a fixed central box (`evaluate.lung_box`: top, bottom, left, right as
 fractions of the side), which is where the lungs sit on a frontal chest film.
 """
@@ -33,7 +35,15 @@ def blank(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def shortcut_probes(model, images: np.ndarray, y: np.ndarray, box: Sequence[float], bs: int = 64) -> dict[str, Any]:
+def cam_sample(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `k` of `n` films (all of them when k >= n), the same for the same n."""
+    if k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def shortcut_probes(model, images: np.ndarray, y: np.ndarray, box: Sequence[float], cam_films: int,
+                    bs: int = 64) -> dict[str, Any]:
     import torch
 
     from covid_cxr.model.gradcam import gradcam
@@ -47,8 +57,9 @@ def shortcut_probes(model, images: np.ndarray, y: np.ndarray, box: Sequence[floa
     acc_no_lung, pred_no_lung = accuracy(blank(images, mask))
     acc_lung_only, _ = accuracy(blank(images, ~mask))
     mass = []
-    for i in range(0, len(images), bs):
-        x = model.to_input(np.asarray(images[i:i + bs]))
+    cam_idx = cam_sample(len(images), int(cam_films))
+    for i in range(0, len(cam_idx), bs):
+        x = model.to_input(np.asarray(images[cam_idx[i:i + bs]]))
         with torch.inference_mode(False):
             cams, _, _ = gradcam(model.net, x, None)
         tot = cams.reshape(len(cams), -1).sum(1)
@@ -61,6 +72,7 @@ def shortcut_probes(model, images: np.ndarray, y: np.ndarray, box: Sequence[floa
         "accuracy_lung_blanked": acc_no_lung,
         "accuracy_outside_blanked": acc_lung_only,
         "label_mix_lung_blanked": {c: float((pred_no_lung == i).mean()) for i, c in enumerate(CLASSES)},
+        "cam_films": int(len(cam_idx)),
         "cam_mass_in_lung_mean": float(np.nanmean(mass)),
         "cam_mass_in_lung_median": float(np.nanmedian(mass)),
     }

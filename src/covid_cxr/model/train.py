@@ -103,8 +103,16 @@ def image_dls(cache: np.ndarray, labels: np.ndarray, tr: np.ndarray, va: np.ndar
     return DataLoaders(tdl, vdl, device="cpu")
 
 
-def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "features", channels_last=True):
-    """Forward the body once: -> ((N, 2*nf) pooled features, (N, S) style vectors), float32."""
+def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "features", channels_last=True,
+               bf16: bool = False):
+    """Forward the body once: -> ((N, 2*nf) pooled features, (N, S) style vectors), float32.
+
+    `bf16` runs the forward under CPU bfloat16 autocast (x2.1-2.5 on AVX512-BF16, bench/bench_bf16.py)
+    and returns float32: for the training films' reference bank only, never for the films whose
+    scores set a threshold (those go through the float32 path the service uses).
+    """
+    import contextlib
+
     import torch
 
     from covid_cxr.data.preprocess import normalize_batch
@@ -112,12 +120,13 @@ def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "feature
 
     net.eval()
     feats, style = [], []
-    with torch.inference_mode():
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
         for i in tqdm(range(0, len(images), bs), desc=desc, unit="batch"):
             x = normalize_batch(np.asarray(images[i:i + bs]), norm, channels_last)
             f, s = net.embed(x)
-            feats.append(f)
-            style.append(s)
+            feats.append(f.float())
+            style.append(s.float())
     return torch.cat(feats), torch.cat(style)
 
 
@@ -280,7 +289,10 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     vcfg = params["verdict"]
     with _timed("temperature + novelty fit", timings):
         net.eval()
-        f_tr, s_tr = embeddings(net, cache[tr], norm, desc="final features (train)", channels_last=cl)
+        # the train films are the novelty model's reference bank: bf16 where the profile allows it;
+        # valid (thresholds, temperature) stays float32, the numerics of serving
+        bank16 = bool(cfg["bank_bf16"]) and cpu_has_bf16()
+        f_tr, s_tr = embeddings(net, cache[tr], norm, desc="final features (train)", channels_last=cl, bf16=bank16)
         f_va, s_va = embeddings(net, cache[va], norm, desc="final features (valid)", channels_last=cl)
         with torch.inference_mode():
             logits_va = net.head(f_va)
