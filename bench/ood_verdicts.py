@@ -24,18 +24,14 @@ from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import Novelty, load_model
 from covid_cxr.model.verdict import Policy, decide, fit_min_confidence
 
-POLICIES = [  # (novelty parts, novelty quantile, low-confidence quantile)
-    (("content", "style", "energy"), 0.99, 0.01),
-    (("knn", "style", "energy"), 0.99, 0.01),
-    (("knn", "style", "energy"), 0.985, 0.015),
-    (("knn", "style", "energy"), 0.985, 0.005),
-    (("knn", "content", "style", "energy"), 0.985, 0.015),
-    (("knn", "energy"), 0.985, 0.015),
-    (("knn", "energy"), 0.985, 0.005),
-    (("knn", "energy"), 0.98, 0.005),
-    (("knn",), 0.985, 0.005),
-    (("style", "energy"), 0.985, 0.005),
+POLICIES = [  # (novelty parts, novelty quantile, low-confidence quantile, per-part scale quantiles)
+    (("knn", "style", "energy"), 0.985, 0.005, {}),
+    (("knn", "energy"), 0.985, 0.005, {}),
+    (("knn", "style", "energy"), 0.985, 0.005, {"style": 0.995}),
+    (("knn", "style", "energy"), 0.985, 0.005, {"style": 0.999}),
+    (("knn", "style", "energy"), 0.985, 0.005, {"style": 1.0}),
 ]
+PHOTOS = ("china.jpg", "flower.jpg")  # scikit-learn's sample photographs, in greyscale: must refer
 
 
 def forward_all(model, imgs: np.ndarray, bs: int = 64):
@@ -70,15 +66,21 @@ def main() -> None:
         sets[g] = forward_all(model, np.stack([load_film(paths.root / "external" / f, model.size)[0]
                                                for f in rows["file"]]))
         ys[g] = np.array([CLASSES.index(x) if x in CLASSES else -1 for x in rows["label"]])
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    grey = np.stack([np.asarray(Image.fromarray(load_sample_image(n)).convert("L").resize((model.size, model.size)))
+                     for n in PHOTOS])
+    sets["photos"], ys["photos"] = forward_all(model, grey), np.full(len(PHOTOS), -1)
     T = model.temperature
     probs = {k: torch.softmax(v["logits"] / T, 1).numpy() for k, v in sets.items()}
     print(f"model {args.model_dir}  size {model.size}  T {T:.3f}")
     print("| parts | novelty q | low-conf q | valid flagged | test flagged | test acc (ok films) "
           "| unseen right | unseen flagged | unseen conf-wrong | unseen right-or-flagged "
-          "| TB flagged | TB conf-wrong | other right | other flagged |")
-    for parts, q, lq in POLICIES:
+          "| TB flagged | TB conf-wrong | other right | other flagged | grey photos referred |")
+    for parts, q, lq, pq in POLICIES:
         nov = Novelty.fit({k: sets["train"][k].numpy() for k in ("content", "style")}, ys["train"],
-                          sets["valid"], q, dict(vcfg["components"]), parts, T, vcfg.get("knn_k"))
+                          sets["valid"], q, dict(vcfg["components"]), parts, T, vcfg.get("knn_k"), pq)
         pol = Policy(min_confidence=fit_min_confidence(probs["valid"], lq), novelty_threshold=nov.threshold)
         fig = {}
         for k, v in sets.items():
@@ -92,9 +94,10 @@ def main() -> None:
                           ok_acc=right[~flagged].mean())
         u, tb, on = fig["unseen_hospital_normal"], fig["tuberculosis"], fig["other_normal"]
         pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
-        print(f"| {'+'.join(parts)} | {q} | {lq} | {pct(fig['valid']['flagged'])} | {pct(fig['test']['flagged'])} "
+        print(f"| {'+'.join(parts)}{' ' + str(pq) if pq else ''} | {q} | {lq} | {pct(fig['valid']['flagged'])} | {pct(fig['test']['flagged'])} "
               f"| {fig['test']['ok_acc']:.4f} | {pct(u['right'])} | {pct(u['flagged'])} | {pct(u['cw'])} "
-              f"| {pct(u['rof'])} | {pct(tb['flagged'])} | {pct(tb['cw'])} | {pct(on['right'])} | {pct(on['flagged'])} |",
+              f"| {pct(u['rof'])} | {pct(tb['flagged'])} | {pct(tb['cw'])} | {pct(on['right'])} | {pct(on['flagged'])} "
+              f"| {int(fig['photos']['flagged'] * len(PHOTOS))} of {len(PHOTOS)} |",
               flush=True)
 
 

@@ -135,3 +135,31 @@ def test_gate_checks_external_groups_and_test_flagged_share():
 def test_gate_fails_when_external_figures_are_missing():
     r = decide({"accuracy": 0.99, "flagged": 0.0}, GATE, external=None)
     assert not r["passed"] and all("missing" in x for x in r["reasons"]) and len(r["reasons"]) == 3
+
+
+def test_a_part_scaled_at_a_higher_quantile_takes_a_smaller_share_but_still_refers_its_extremes():
+    rng = np.random.default_rng(3)
+    n, y = 600, np.repeat([0, 1, 2], 200)
+    content, style = rng.normal(0, 1, (n, 40)) + y[:, None], rng.normal(0, 1, (n, 12))
+    vc = torch.tensor(rng.normal(0, 1, (600, 40)) + np.repeat([0, 1, 2], 200)[:, None], dtype=torch.float32)
+    vs = torch.tensor(rng.normal(0, 1, (600, 12)), dtype=torch.float32)
+
+    def fit(pq):
+        return Novelty.fit({"content": content, "style": style}, y, {"content": vc, "style": vs}, 0.95,
+                           {"content": 16, "style": 8}, ("content", "style"), 1.0, None, pq)
+
+    def style_share(nov):
+        parts = nov.part_scores(vc, vs)
+        referred = nov.score(vc, vs) > nov.threshold
+        return float((referred & (parts["style"] >= parts["content"])).float().mean())
+
+    even, narrow = fit(None), fit({"style": 0.999})
+    assert narrow.scales["style"] > even.scales["style"] and narrow.scales["content"] == even.scales["content"]
+    # the one budget (5 % of valid) is kept, and the style part's share of it shrinks
+    for nov in (even, narrow):
+        assert (nov.score(vc, vs) > nov.threshold).float().mean() == pytest.approx(0.05, abs=0.01)
+    assert style_share(narrow) < style_share(even) / 2
+    # a film far off in style (a photograph, say) is still referred through the style part alone
+    far = torch.tensor(rng.normal(8, 1, (20, 12)), dtype=torch.float32)
+    typical = vc[:20]
+    assert bool((narrow.score(typical, far) > narrow.threshold).all())

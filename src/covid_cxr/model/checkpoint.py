@@ -144,6 +144,7 @@ class Novelty:
     - `energy`: the energy of the temperature-scaled logits (no class claims the film);
     - `knn`: distance to the k-th nearest training film's pooled features (KnnPart).
     Each part's score is standardised on the validation split, (s - median) / (quantile - median),
+    at the part's own quantile where `part_quantiles` names one,
     the novelty score is the largest standardised part, and `threshold` is that score's validation
     quantile. Means and covariances come from train; medians, quantiles and threshold from valid.
     """
@@ -166,7 +167,7 @@ class Novelty:
     @classmethod
     def fit(cls, train: dict[str, np.ndarray], labels: np.ndarray, valid: dict[str, torch.Tensor],
             quantile: float, n_components: dict[str, int], parts: tuple[str, ...], temperature: float,
-            knn_k: int | None = None) -> "Novelty":
+            knn_k: int | None = None, part_quantiles: dict[str, float] | None = None) -> "Novelty":
         models: dict[str, Part] = {}
         for k in parts:
             if k == "energy":
@@ -181,7 +182,10 @@ class Novelty:
         for k, m in models.items():
             v = m.score(valid[INPUTS[k]])
             centers[k] = float(torch.quantile(v, 0.5))
-            scales[k] = max(float(torch.quantile(v, quantile)) - centers[k], 1e-6)
+            # a part scaled at a higher valid quantile takes a smaller share of the one budget and
+            # refers only its extremes (the style part: photographs, not another site's processing)
+            q = float((part_quantiles or {}).get(k, quantile))
+            scales[k] = max(float(torch.quantile(v, q)) - centers[k], 1e-6)
         nov = cls(models, scales, float("inf"), centers)
         nov.threshold = float(torch.quantile(nov.score(valid["content"], valid.get("style"), valid.get("logits")),
                                              quantile))

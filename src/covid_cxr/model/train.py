@@ -301,7 +301,8 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         ood = Novelty.fit({"content": f_tr.numpy(), "style": s_tr.numpy()}, labels[tr],
                           {"content": f_va, "style": s_va, "logits": logits_va},
                           float(vcfg["novelty_quantile"]), dict(vcfg["components"]),
-                          tuple(vcfg["novelty_parts"]), temperature, vcfg.get("knn_k"))
+                          tuple(vcfg["novelty_parts"]), temperature, vcfg.get("knn_k"),
+                          dict(vcfg["part_quantiles"]))
         p_va = torch.softmax(logits_va / temperature, 1).numpy()
         min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
 
