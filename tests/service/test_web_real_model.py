@@ -96,3 +96,18 @@ def test_normal_test_film_shows_its_label(real_server, page):
     page.wait_for_function("document.querySelector('#label').textContent.length > 0", timeout=60_000)
     assert page.is_hidden("#refer")
     assert page.text_content("#label") == "Normal"
+
+
+@pytest.mark.parametrize("name", ["colour_photo", "grey_photo", "blank_frame"])
+def test_pictures_that_are_not_xrays_are_referred_by_the_pipeline_model(real_server, tmp_path, name):
+    """The must-show with the real thresholds: a photograph (colour or greyscale) or a blank frame is never `ok`."""
+    import svcfiles
+
+    url, _ = real_server
+    suffix, mime = (".jpg", "image/jpeg") if name == "colour_photo" else (".png", "image/png")
+    path = getattr(svcfiles, name)(tmp_path / f"{name}{suffix}")
+    r = httpx.post(url + "/predict", files={"image": (path.name, path.read_bytes(), mime)}, timeout=60)
+    if r.status_code == 200:
+        assert r.json()["verdict"] == "refer", r.json()
+    else:
+        assert 400 <= r.status_code < 500 and "error" in r.json(), r.text
