@@ -66,11 +66,18 @@ def main() -> None:
         sets[g] = forward_all(model, np.stack([load_film(paths.root / "external" / f, model.size)[0]
                                                for f in rows["file"]]))
         ys[g] = np.array([CLASSES.index(x) if x in CLASSES else -1 for x in rows["label"]])
+    import io
+
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    grey = np.stack([np.asarray(Image.fromarray(load_sample_image(n)).convert("L").resize((model.size, model.size)))
-                     for n in PHOTOS])
+    def png(name: str) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(load_sample_image(name)).convert("L").save(buf, "PNG")
+        return buf.getvalue()
+
+    # through the shared preprocessing (load_film), as the service decodes an upload
+    grey = np.stack([load_film(png(n), model.size)[0] for n in PHOTOS])
     sets["photos"], ys["photos"] = forward_all(model, grey), np.full(len(PHOTOS), -1)
     T = model.temperature
     probs = {k: torch.softmax(v["logits"] / T, 1).numpy() for k, v in sets.items()}

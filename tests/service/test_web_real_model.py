@@ -68,9 +68,12 @@ def page(real_server):
         b.close()
 
 
+def _post(url, path, mime="image/png"):
+    return httpx.post(url + "/predict", files={"image": (path.name, path.read_bytes(), mime)}, timeout=60)
+
+
 def _verdict(url, path):
-    return httpx.post(url + "/predict", files={"image": (path.name, path.read_bytes(), "image/png")},
-                      timeout=60).json()
+    return _post(url, path).json()
 
 
 def test_unseen_hospital_film_shows_the_refer_message(real_server, page):
@@ -106,7 +109,7 @@ def test_pictures_that_are_not_xrays_are_referred_by_the_pipeline_model(real_ser
     url, _ = real_server
     suffix, mime = (".jpg", "image/jpeg") if name == "colour_photo" else (".png", "image/png")
     path = getattr(svcfiles, name)(tmp_path / f"{name}{suffix}")
-    r = httpx.post(url + "/predict", files={"image": (path.name, path.read_bytes(), mime)}, timeout=60)
+    r = _post(url, path, mime)
     if r.status_code == 200:
         assert r.json()["verdict"] == "refer", r.json()
     else:
