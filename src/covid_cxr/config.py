@@ -65,4 +65,5 @@ def train_config(params: dict[str, Any]) -> dict[str, Any]:
     cfg["label_smoothing"] = t["label_smoothing"]
     cfg["mixup"] = t["mixup"]
     cfg["ema"] = t["ema"]
+    cfg["calibration"] = t["calibration"]
     return cfg

@@ -49,7 +49,7 @@ def test_ece_zero_when_perfectly_calibrated():
 
 
 def test_temperature_scaling_reduces_ece_on_overconfident_logits():
-    from covid_cxr.model.train import fit_temperature
+    from covid_cxr.model.calibration import fit_temperature
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 2000)
@@ -72,7 +72,7 @@ FLAT_LOGITS = [[0.1193, 0.2943, -0.1105], [0.0818, 0.0969, -0.1365], [0.0531, 0.
 def test_temperature_is_finite_and_no_worse_than_one_on_near_flat_logits():
     import torch
 
-    from covid_cxr.model.train import fit_temperature
+    from covid_cxr.model.calibration import fit_temperature
 
     z = torch.tensor(FLAT_LOGITS, dtype=torch.float64)
     y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])

@@ -27,6 +27,14 @@ def test_artifacts_are_weights_only_and_complete(trained_tiny):
         assert key in mj
     assert mj["classes"] == list(CLASSES) and mj["image_size"] == 64 and mj["params"]["profile"] == "smoke"
     assert mj["temperature"] > 0 and np.isfinite(mj["ood"]["threshold"])
+    # train.calibration decides whether one logit offset per class (mean zero) travels with T
+    import yaml
+
+    kind = yaml.safe_load((root / "params.yaml").read_text())["train"]["calibration"]
+    if kind == "temperature":
+        assert mj["class_bias"] is None
+    else:
+        assert len(mj["class_bias"]) == len(CLASSES) and abs(sum(mj["class_bias"])) < 1e-6
     # the novelty model has both parts, each scaled by its valid quantile; refer thresholds travel with it
     import yaml
 

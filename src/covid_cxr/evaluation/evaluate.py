@@ -46,6 +46,7 @@ def score(pred: dict[str, Any], n_bins: int = 15) -> dict[str, Any]:
     m["ece_before"] = ece(raw, pred["y"], n_bins)
     m["ece_after"] = ece(cal, pred["y"], n_bins)
     m["temperature"] = float(pred["temperature"])
+    m["class_bias"] = pred["meta"].get("class_bias")
     refer = np.array([v == "refer" for v in p.verdict])
     m["flagged"] = float(refer.mean())
     m["flagged_by_reason"] = {r: float(np.mean([x == r for x in p.reason])) for r in sorted({x for x in p.reason if x})}
@@ -53,6 +54,13 @@ def score(pred: dict[str, Any], n_bins: int = 15) -> dict[str, Any]:
     ok = ~refer
     m["accuracy_not_flagged"] = float((cal.argmax(1)[ok] == pred["y"][ok]).mean()) if ok.any() else None
     return m
+
+
+def _calibration(m: dict[str, Any]) -> str:
+    s = f"T {m['temperature']:.3f}"
+    if m.get("class_bias"):
+        s += ", class offsets " + " / ".join(f"{b:+.2f}" for b in m["class_bias"])
+    return s
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -107,7 +115,7 @@ def _plots(pred, m, raw, cal, out: Path, n_bins: int, root: Path) -> dict[str, s
     files["roc"] = "img/roc.png"
     # reliability
     fig, ax = plt.subplots(figsize=(4.6, 4))
-    for probs, name in ((raw, f"before (ECE {m['ece_before']:.4f})"), (cal, f"after T={m['temperature']:.2f} "
+    for probs, name in ((raw, f"before (ECE {m['ece_before']:.4f})"), (cal, f"after calibration "
                                                                         f"(ECE {m['ece_after']:.4f})")):
         r = reliability(probs, pred["y"], n_bins)
         ax.plot([x["confidence"] for x in r], [x["accuracy"] for x in r], "o-", label=name)
@@ -214,7 +222,7 @@ def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta, ext=None)
         f"| COVID sensitivity (recall) | {m['covid_recall']:.4f} |",
         f"| COVID specificity | {m['covid_specificity']:.4f} |",
         f"| ROC-AUC (macro, one-vs-rest) | {m['roc_auc']['macro']:.4f} |",
-        f"| ECE before / after temperature ({m['temperature']:.3f}) | {m['ece_before']:.4f} / {m['ece_after']:.4f} |",
+        f"| ECE before / after calibration ({_calibration(m)}) | {m['ece_before']:.4f} / {m['ece_after']:.4f} |",
     ]
     lines.append(f"| referred (verdict refer, any reason) | {m['flagged']:.4f} "
                  f"({', '.join(f'{k} {v:.4f}' for k, v in m['flagged_by_reason'].items()) or 'none'}) |")

@@ -15,6 +15,14 @@ PART_WORDS = {  # checkpoint.Novelty parts, in words
 }
 
 
+def _calibration(meta: dict[str, Any]) -> str:
+    s = f"temperature {float(meta.get('temperature', 1.0)):.3f}"
+    if meta.get("class_bias"):
+        s += " and one logit offset per class (" + ", ".join(
+            f"{c} {float(b):+.2f}" for c, b in zip(meta.get("classes") or CLASSES, meta["class_bias"])) + ")"
+    return s
+
+
 def _parts(meta: dict[str, Any]) -> str:
     parts = list(((meta.get("ood") or {}).get("scales") or {}))
     return "; ".join(PART_WORDS.get(k, k) for k in parts) or "no parts"
@@ -55,7 +63,7 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
 - Input: greyscale, resized to {meta.get('image_size')} x {meta.get('image_size')} px, replicated to 3 channels,
   normalised with mean {meta.get('normalize', {}).get('mean')} / std {meta.get('normalize', {}).get('std')}.
 - Profile `{p.get('profile')}`, params hash `{meta.get('params_hash')}`, git `{meta.get('git_sha')}`.
-- Calibration: temperature {meta.get('temperature', 1.0):.3f}, fitted on the validation split.
+- Calibration: {_calibration(meta)}, fitted on the validation split (model/calibration.py).
 - Training against acquisition shortcuts: each training film is re-processed at random as another site
   might (unsharp masking, blur, gamma, contrast, partial histogram equalisation, noise, JPEG re-compression),
   with label smoothing {p.get('label_smoothing', 0)}.

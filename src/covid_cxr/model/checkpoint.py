@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from covid_cxr.config import CLASSES
+from covid_cxr.model.calibration import Calibration
 from covid_cxr.model.nets import CxrNet, build
 from covid_cxr.data.preprocess import Norm, normalize_batch
 from covid_cxr.model.verdict import Policy, decide
@@ -225,7 +226,7 @@ class Predictions:
     """One batch through the model: calibrated probabilities, novelty and the verdict."""
 
     logits: np.ndarray            # (N, C) raw
-    probs: np.ndarray             # (N, C) after temperature scaling
+    probs: np.ndarray             # (N, C) calibrated (model/calibration.py)
     novelty: np.ndarray | None    # (N,) novelty score, None without a novelty model
     novel: np.ndarray             # (N,) bool: novelty over threshold
     verdict: list[str]            # "ok" | "refer"
@@ -254,7 +255,11 @@ class LoadedModel:
 
     @property
     def temperature(self) -> float:
-        return float(self.meta.get("temperature", 1.0))
+        return self.calibration.temperature
+
+    @property
+    def calibration(self) -> Calibration:
+        return Calibration.from_meta(self.meta)
 
     @property
     def policy(self) -> Policy:
@@ -278,7 +283,7 @@ class LoadedModel:
         failed before it was made grey, or None.
         """
         logits, feats, style = self.forward(grays)
-        probs = torch.softmax(logits / self.temperature, dim=1).numpy()
+        probs = self.calibration.probs(logits)
         novelty, novel = None, np.zeros(len(probs), bool)
         if self.ood is not None:
             novelty = self.ood.score(feats, style, logits).numpy()

@@ -11,7 +11,7 @@ Recipe (params.yaml `train`; speed choices measured in bench/bench_train.py):
 4. channels_last tensors (+~25% img/s on CPU); torch.compile is a param (off: no gain here); the
    final-size epochs may run under bfloat16 autocast, and a weight EMA may replace the last weights
    (model/callbacks.py).
-Then, on train and valid only: temperature scaling, the novelty model and the refer thresholds.
+Then, on train and valid only: calibration (model/calibration.py), the novelty model and the refer thresholds.
 Per-epoch loss and accuracy go to DVCLive (artifacts/train/: `dvc plots show`, `dvc exp show`).
 """
 from __future__ import annotations
@@ -128,33 +128,6 @@ def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "feature
             feats.append(f.float())
             style.append(s.float())
     return torch.cat(feats), torch.cat(style)
-
-
-def fit_temperature(logits, labels) -> float:
-    """Temperature T minimising valid NLL of softmax(logits / T)."""
-    import torch
-
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    t = float(log_t.detach().exp())
-    if not np.isfinite(t):
-        # LBFGS can diverge to NaN on near-flat logits (a smoke model on a dozen valid films):
-        # fall back to the best of a log-spaced grid over the same bounds
-        grid = torch.linspace(float(np.log(0.05)), float(np.log(20.0)), 401, dtype=torch.float64).exp()
-        with torch.no_grad():
-            nll = torch.stack([torch.nn.functional.cross_entropy(z / g, y) for g in grid])
-        t = float(grid[int(nll.argmin())])
-    return min(max(t, 0.05), 20.0)
 
 
 def _timed(name: str, timings: dict[str, float]):
@@ -286,31 +259,34 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         cache, size = decoded(df, final_size, paths.root, paths.cache, workers=os.cpu_count() or 1), final_size
 
     # ---- Calibration, novelty model and refer thresholds: fitted on train + valid only ------
+    from covid_cxr.model.calibration import fit_calibration
+
     vcfg = params["verdict"]
-    with _timed("temperature + novelty fit", timings):
+    with _timed("calibration + novelty fit", timings):
         net.eval()
         # the train films are the novelty model's reference bank: bf16 where the profile allows it;
-        # valid (thresholds, temperature) stays float32, the numerics of serving
+        # valid (thresholds, calibration) stays float32, the numerics of serving
         bank16 = bool(cfg["bank_bf16"]) and cpu_has_bf16()
         f_tr, s_tr = embeddings(net, cache[tr], norm, desc="final features (train)", channels_last=cl, bf16=bank16)
         f_va, s_va = embeddings(net, cache[va], norm, desc="final features (valid)", channels_last=cl)
         with torch.inference_mode():
             logits_va = net.head(f_va)
-        temperature = fit_temperature(logits_va, labels[va])
-        valid_acc = float((logits_va.argmax(1).numpy() == labels[va]).mean())
+        calib = fit_calibration(logits_va, labels[va], cfg["calibration"])
+        temperature = calib.temperature
         ood = Novelty.fit({"content": f_tr.numpy(), "style": s_tr.numpy()}, labels[tr],
                           {"content": f_va, "style": s_va, "logits": logits_va},
                           float(vcfg["novelty_quantile"]), dict(vcfg["components"]),
                           tuple(vcfg["novelty_parts"]), temperature, vcfg.get("knn_k"),
                           dict(vcfg["part_quantiles"]))
-        p_va = torch.softmax(logits_va / temperature, 1).numpy()
+        p_va = calib.probs(logits_va)
+        valid_acc = float((p_va.argmax(1) == labels[va]).mean())   # the label the service gives
         min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
 
     meta = {
         "classes": list(CLASSES),
         "image_size": size,
         "normalize": {"mean": list(norm.mean), "std": list(norm.std)},
-        "temperature": temperature,
+        **calib.to_meta(),
         "verdict": {"min_confidence": min_conf, "novelty_threshold": ood.threshold},
         "data_md5": data_md5(paths.root),
         "git_sha": git_sha(paths.root),

@@ -163,6 +163,7 @@ def save_model(paths: Paths, gate: dict[str, Any], metrics: dict[str, Any]) -> s
         "params": meta.get("params"),
         "classes": meta.get("classes"),
         "temperature": meta.get("temperature"),
+        "class_bias": meta.get("class_bias"),
         "image_size": meta.get("image_size"),
     })
     with bentoml.models.create(MODEL_NAME, labels=labels, metadata=metadata) as bm:

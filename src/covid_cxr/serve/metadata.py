@@ -46,6 +46,7 @@ def describe(model_dir: Path, model_tag: str, store_info: Mapping[str, Any], rea
         "arch": meta.get("arch"),
         "image_size": meta.get("image_size"),
         "temperature": meta.get("temperature"),
+        "class_bias": meta.get("class_bias"),
         "data_version": meta.get("data_md5"),
         "git_sha": meta.get("git_sha"),
         "params": meta.get("params"),

@@ -130,7 +130,7 @@ def build_report(film: np.ndarray, heatmap: np.ndarray, result: Mapping[str, Any
             elif CLASSES[r - 1] == result["label"]:
                 cell.get_text().set_weight("bold")
                 cell.set_facecolor(face)
-        fig.text(0.6, ty - 0.03, "Probabilities are temperature-calibrated\non the validation split.",
+        fig.text(0.6, ty - 0.03, "Probabilities are calibrated\non the validation split.",
                  fontsize=8.5, color=_MUTED, va="top")
 
         # versions and provenance
