@@ -13,7 +13,7 @@ import numpy as np
 
 from covid_cxr.data.xrayrule import xray_rule
 from covid_cxr.model.checkpoint import LoadedModel, Predictions
-from covid_cxr.data.preprocess import MAX_PIXELS, ImageError, open_image, resize_gray, to_gray
+from covid_cxr.data.preprocess import MAX_PIXELS, MIN_SIDE, SHOWN_MAX, ImageError, open_image, resize_gray, to_gray
 
 
 def load_film(src, size: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
@@ -62,9 +62,6 @@ def concat(parts: Sequence[Predictions]) -> Predictions:
 # to it. Each decoded file goes through exactly what the service does with an upload
 # (`serve.uploads.decode_upload`): open_image -> the min-side check -> to_gray -> xray_rule ->
 # resize_gray, then `LoadedModel.predict` on the batch.
-
-MIN_SIDE = 16       # the service's default (COVID_CXR_MIN_SIDE)
-SHOWN_MAX = 512     # the longest side of the film as /explain and the report show it
 
 
 @dataclass

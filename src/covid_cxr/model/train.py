@@ -276,7 +276,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         ood = Novelty.fit({"content": f_tr.numpy(), "style": s_tr.numpy()}, labels[tr],
                           {"content": f_va, "style": s_va, "logits": logits_va},
                           float(vcfg["novelty_quantile"]), dict(vcfg["components"]),
-                          tuple(vcfg["novelty_parts"]), temperature, vcfg.get("knn_k"),
+                          tuple(vcfg["novelty_parts"]), temperature, vcfg["knn_k"],
                           dict(vcfg["part_quantiles"]))
         p_va = calib.probs(logits_va)
         valid_acc = float((p_va.argmax(1) == labels[va]).mean())   # the label the service gives

@@ -10,13 +10,12 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from covid_cxr.config import CLASSES
-from covid_cxr.data.preprocess import ImageError
+from covid_cxr.data.preprocess import SHOWN_MAX, ImageError
 from covid_cxr.model.checkpoint import LoadedModel, Predictions
 from covid_cxr.model.verdict import REASONS
 from covid_cxr.serve.batching import Overloaded
 from covid_cxr.serve.guard import error_response
 
-SHOWN_MAX = 512  # the longest side of the film as /explain and the report show it
 
 
 def answer(pred: Predictions, i: int, model_tag: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from covid_cxr.data.preprocess import MAX_PIXELS
+from covid_cxr.data.preprocess import MAX_PIXELS, MIN_SIDE
 
 
 def env_num(name: str, default: float) -> float:
@@ -40,7 +40,7 @@ class ServeSettings:
     def __init__(self) -> None:
         self.max_upload_bytes = int(env_num("COVID_CXR_MAX_UPLOAD_MB", 20) * 1024 * 1024)
         self.max_pixels = int(env_num("COVID_CXR_MAX_PIXELS", MAX_PIXELS))
-        self.min_side = int(env_num("COVID_CXR_MIN_SIDE", 16))
+        self.min_side = int(env_num("COVID_CXR_MIN_SIDE", MIN_SIDE))
         self.max_files = int(env_num("COVID_CXR_MAX_BATCH_FILES", 32))
         self.batch_max_size = max(2, int(env_num("COVID_CXR_BATCH_MAX_SIZE", 16)))
         self.batch_max_latency_ms = int(env_num("COVID_CXR_BATCH_MAX_LATENCY_MS", 1000))
