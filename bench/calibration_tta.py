@@ -27,7 +27,7 @@ from covid_cxr.data.cache import decoded
 from covid_cxr.evaluation.metrics import COVID, ece
 from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import load_model
-from covid_cxr.model.calibration import fit_temperature
+from covid_cxr.model.calibration import fit_temperature, fit_temperature_bias
 from covid_cxr.model.verdict import fit_min_confidence
 
 
@@ -48,23 +48,6 @@ def view(imgs: np.ndarray, name: str) -> np.ndarray:
 
 
 VIEWS = ("id", "zoom", "rot5", "rot-5")
-
-
-def fit_bias(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    zt = torch.as_tensor(z, dtype=torch.float64)
-    yt = torch.as_tensor(y)
-    lt = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([lt, b], lr=0.1, max_iter=500)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(zt / lt.exp() + (b - b.mean()), yt)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    bb = (b - b.mean()).detach().numpy()
-    return float(lt.exp()), bb
 
 
 def main() -> None:
@@ -126,7 +109,8 @@ def main() -> None:
             if calib == "T":
                 T, b = fit_temperature(zs["valid"], ys["valid"]), np.zeros(len(CLASSES))
             else:
-                T, b = fit_bias(zs["valid"], ys["valid"])
+                T, b = fit_temperature_bias(zs["valid"], ys["valid"])
+                b = np.array(b)
             probs = {s: torch.softmax(torch.as_tensor(zs[s] / T + b), 1).numpy() for s in sets}
             raw = {"knn": {s: data[f"{s}/part_knn"] for s in sets}, "style": {s: data[f"{s}/part_style"] for s in sets},
                    "energy": {s: -T * torch.logsumexp(torch.as_tensor(zs[s]) / T, 1).numpy() for s in sets}}
