@@ -31,12 +31,40 @@ def override(params: dict, dotted: str) -> None:
     d[leaf] = yaml.safe_load(raw)
 
 
+def acquisition_in_stage(which: str) -> None:
+    """Experiment only: keep the acquisition ops in one resizing stage, switch them off in the other.
+
+    `train` builds one image DataLoaders per stage (first the `size` epochs, then the `final_size`
+    ones), so the n-th call of `image_dls` is the n-th stage.
+    """
+    import copy
+
+    from covid_cxr.model import train as train_mod
+
+    real, calls = train_mod.image_dls, []
+
+    def image_dls(cache, labels, tr, va, cfg, norm, seed=0):
+        calls.append(seed)
+        keep = (len(calls) == 1) == (which == "first")
+        if not keep:
+            cfg = copy.deepcopy(cfg)
+            for spec in cfg["augment"]["acquisition"].values():
+                spec["p"] = 0.0
+        print(f"  [experiment] stage {len(calls)}: acquisition ops {'on' if keep else 'off'}")
+        return real(cache, labels, tr, va, cfg, norm, seed)
+
+    train_mod.image_dls = image_dls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
     ap.add_argument("--profile", default="probe")
     ap.add_argument("-S", dest="sets", action="append", default=[], help="params override key=value (YAML value)")
     ap.add_argument("--all-off", action="store_true", help="switch every acquisition op off first")
+    ap.add_argument("--acq-stages", choices=["all", "first", "final"], default="all",
+                    help="which resizing stages get the acquisition ops (first: the 128 px epochs only; "
+                         "final: the final-size epochs only)")
     args = ap.parse_args()
 
     from covid_cxr.evaluation.evaluate import predict_split, score
@@ -51,6 +79,8 @@ def main() -> None:
             spec["p"] = 0.0
     for s in args.sets:
         override(params, s)
+    if args.acq_stages != "all":
+        acquisition_in_stage(args.acq_stages)
     out = paths.cache.parent / "experiments" / args.name
     paths.model_dir = out / "model"
     paths.eval_dir = out / "eval"
@@ -61,6 +91,7 @@ def main() -> None:
     m = score(predict_split(paths.model_dir, paths, "test"), int(params["evaluate"]["ece_bins"]))
     ext = external(paths, params)["groups"]
     row = {"name": args.name, "profile": args.profile, "sets": args.sets, "all_off": args.all_off,
+           "acq_stages": args.acq_stages,
            "train_s": round(t_train), "test": {k: m[k] for k in ("accuracy", "covid_recall", "ece_after", "flagged",
                                                                  "flagged_by_reason")},
            "temperature": meta["temperature"], "external": ext}
