@@ -1,0 +1,104 @@
+"""Two trained models together: does a clean-trained and an acquisition-augmented model beat the frontier?
+
+The acquisition ablation (docs/trust.md) found one frontier: a model trained on clean films scores
+the test split well (0.985) and the unseen hospital badly; an augmented one the other way round.
+This asks whether a pair does better than either, under three rules:
+- `mean`: the mean of the two models' calibrated probabilities; refer when either model refers;
+- `mean+disagree`: the same, and refer when the two models' labels differ (reason: models disagree);
+- `clean+disagree`: the clean model's probabilities; refer when either refers or they disagree.
+Each model's verdict is its own, fitted on valid at its training time; nothing here reads
+`external/` except to score it.
+
+    .venv/bin/python bench/ood_ensemble.py .cache/experiments/cpu-acq-off-2026-12-03/model \
+        .cache/experiments/cpu-acq-p0.25-2026-12-03/model
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covid_cxr.config import CLASSES, Paths, load_params
+from covid_cxr.data.cache import decoded
+from covid_cxr.evaluation.metrics import COVID, ece
+from covid_cxr.evaluation.scoring import load_film
+from covid_cxr.model.checkpoint import load_model
+
+
+def outputs(model_dir: Path, paths: Paths, sets: dict[str, list]) -> dict[str, np.ndarray]:
+    """Calibrated probabilities and refer flags of one model per set (cached by weights hash)."""
+    key = hashlib.sha1((model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
+    cache = paths.root / ".cache" / "ensemble" / f"{key}.npz"
+    if cache.exists():
+        z = np.load(cache)
+        return {k: z[k] for k in z.files}
+    model, out = load_model(model_dir), {}
+    for name, films in sets.items():
+        imgs = films(model.size)
+        probs, refer = [], []
+        for i in range(0, len(imgs), 64):
+            p = model.predict(np.asarray(imgs[i:i + 64]))
+            probs.append(p.probs)
+            refer.append(np.array([v == "refer" for v in p.verdict]))
+        out[f"{name}/probs"], out[f"{name}/refer"] = np.concatenate(probs), np.concatenate(refer)
+        print(f"  {model_dir.parent.name}: {name} scored", flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("clean", type=Path, help="model trained without acquisition ops")
+    ap.add_argument("robust", type=Path, help="model trained with them")
+    args = ap.parse_args()
+    paths = Paths()
+    confident = float(load_params(paths.root / "params.yaml")["external"]["confident"])
+    df = pd.read_csv(paths.manifest)
+    ext = pd.read_csv(paths.root / "external" / "labels.csv")
+    groups = sorted(ext["group"].unique())
+    sets, ys = {}, {}
+    for s in ("valid", "test"):
+        d = df[df["split"] == s].reset_index(drop=True)
+        sets[s] = lambda size, d=d: decoded(d, size, paths.root, paths.cache)
+        ys[s] = d["label"].map(CLASSES.index).to_numpy()
+    for g in groups:
+        files = list(ext[ext["group"] == g]["file"])
+        sets[g] = lambda size, files=files: np.stack([load_film(paths.root / "external" / f, size)[0] for f in files])
+        ys[g] = np.array([CLASSES.index(x) if x in CLASSES else -1 for x in ext[ext["group"] == g]["label"]])
+    a, b = outputs(args.clean, paths, sets), outputs(args.robust, paths, sets)
+
+    def rule(name: str, s: str) -> tuple[np.ndarray, np.ndarray]:
+        pa, pb, ra, rb = a[f"{s}/probs"], b[f"{s}/probs"], a[f"{s}/refer"], b[f"{s}/refer"]
+        disagree = pa.argmax(1) != pb.argmax(1)
+        return {"clean": (pa, ra), "robust": (pb, rb), "mean": ((pa + pb) / 2, ra | rb),
+                "mean+disagree": ((pa + pb) / 2, ra | rb | disagree),
+                "clean+disagree": (pa, ra | rb | disagree)}[name]
+
+    pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
+    print(f"clean {args.clean}\nrobust {args.robust}")
+    print("| rule | valid flagged | test acc | COVID recall | test ECE | test flagged | unseen right | unseen flagged "
+          "| unseen conf-wrong | unseen right or flagged | TB flagged | TB conf-wrong | other right |")
+    print("|---" * 13 + "|")
+    for name in ("clean", "robust", "mean", "mean+disagree", "clean+disagree"):
+        fig = {}
+        for s in sets:
+            p, refer = rule(name, s)
+            conf, pred = p.max(1), p.argmax(1)
+            right = pred == ys[s]
+            fig[s] = dict(flagged=refer.mean(), right=right.mean(), rof=(right | refer).mean(),
+                          cw=(~right & ~refer & (conf >= confident)).mean())
+        pt, yt = rule(name, "test")[0], ys["test"]
+        rec = float((pt.argmax(1)[yt == COVID] == COVID).mean())
+        u, tb, on = fig["unseen_hospital_normal"], fig["tuberculosis"], fig["other_normal"]
+        print(f"| {name} | {pct(fig['valid']['flagged'])} | {fig['test']['right']:.4f} | {rec:.4f} "
+              f"| {ece(pt, yt, 15):.4f} | {pct(fig['test']['flagged'])} | {pct(u['right'])} | {pct(u['flagged'])} "
+              f"| {pct(u['cw'])} | {pct(u['rof'])} | {pct(tb['flagged'])} | {pct(tb['cw'])} | {pct(on['right'])} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
