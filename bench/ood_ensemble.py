@@ -5,8 +5,12 @@ the test split well (0.985) and the unseen hospital badly; an augmented one the 
 This asks whether a pair does better than either, under three rules:
 - `mean`: the mean of the two models' calibrated probabilities; refer when either model refers;
 - `mean+disagree`: the same, and refer when the two models' labels differ (reason: models disagree);
-- `clean+disagree`: the clean model's probabilities; refer when either refers or they disagree.
-Each model's verdict is its own, fitted on valid at its training time; nothing here reads
+- `clean+disagree`: the clean model's probabilities; refer when either refers or they disagree;
+- `mean, joint`: the mean, under one refer policy fitted on valid as `train` fits one model's:
+  novelty = the larger of the members' novelty margins (score minus the member's own threshold),
+  thresholded at the valid `verdict.novelty_quantile`; low confidence at the valid
+  `verdict.low_confidence_quantile` of the mean's top probability.
+Each model's own verdict is the one fitted on valid at its training time; nothing here reads
 `external/` except to score it.
 
     .venv/bin/python bench/ood_ensemble.py .cache/experiments/cpu-acq-off-2026-12-03/model \
@@ -26,24 +30,27 @@ from covid_cxr.data.cache import decoded
 from covid_cxr.evaluation.metrics import COVID, ece
 from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import load_model
+from covid_cxr.model.verdict import fit_min_confidence
 
 
 def outputs(model_dir: Path, paths: Paths, sets: dict[str, list]) -> dict[str, np.ndarray]:
     """Calibrated probabilities and refer flags of one model per set (cached by weights hash)."""
     key = hashlib.sha1((model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
-    cache = paths.root / ".cache" / "ensemble" / f"{key}.npz"
+    cache = paths.root / ".cache" / "ensemble" / f"{key}-v2.npz"
     if cache.exists():
         z = np.load(cache)
         return {k: z[k] for k in z.files}
     model, out = load_model(model_dir), {}
     for name, films in sets.items():
         imgs = films(model.size)
-        probs, refer = [], []
+        probs, refer, margin = [], [], []
         for i in range(0, len(imgs), 64):
             p = model.predict(np.asarray(imgs[i:i + 64]))
             probs.append(p.probs)
             refer.append(np.array([v == "refer" for v in p.verdict]))
+            margin.append(p.novelty - model.ood.threshold)
         out[f"{name}/probs"], out[f"{name}/refer"] = np.concatenate(probs), np.concatenate(refer)
+        out[f"{name}/margin"] = np.concatenate(margin)
         print(f"  {model_dir.parent.name}: {name} scored", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **out)
@@ -56,7 +63,9 @@ def main() -> None:
     ap.add_argument("robust", type=Path, help="model trained with them")
     args = ap.parse_args()
     paths = Paths()
-    confident = float(load_params(paths.root / "params.yaml")["external"]["confident"])
+    params = load_params(paths.root / "params.yaml")
+    confident = float(params["external"]["confident"])
+    q, lq = float(params["verdict"]["novelty_quantile"]), float(params["verdict"]["low_confidence_quantile"])
     df = pd.read_csv(paths.manifest)
     ext = pd.read_csv(paths.root / "external" / "labels.csv")
     groups = sorted(ext["group"].unique())
@@ -71,19 +80,24 @@ def main() -> None:
         ys[g] = np.array([CLASSES.index(x) if x in CLASSES else -1 for x in ext[ext["group"] == g]["label"]])
     a, b = outputs(args.clean, paths, sets), outputs(args.robust, paths, sets)
 
+    novel = {s: np.maximum(a[f"{s}/margin"], b[f"{s}/margin"]) for s in sets}
+    thr = float(np.quantile(novel["valid"], q))
+    min_conf = fit_min_confidence((a["valid/probs"] + b["valid/probs"]) / 2, lq)
+
     def rule(name: str, s: str) -> tuple[np.ndarray, np.ndarray]:
         pa, pb, ra, rb = a[f"{s}/probs"], b[f"{s}/probs"], a[f"{s}/refer"], b[f"{s}/refer"]
         disagree = pa.argmax(1) != pb.argmax(1)
         return {"clean": (pa, ra), "robust": (pb, rb), "mean": ((pa + pb) / 2, ra | rb),
                 "mean+disagree": ((pa + pb) / 2, ra | rb | disagree),
-                "clean+disagree": (pa, ra | rb | disagree)}[name]
+                "clean+disagree": (pa, ra | rb | disagree),
+                "mean, joint": ((pa + pb) / 2, (novel[s] > thr) | (((pa + pb) / 2).max(1) < min_conf))}[name]
 
     pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
     print(f"clean {args.clean}\nrobust {args.robust}")
     print("| rule | valid flagged | test acc | COVID recall | test ECE | test flagged | unseen right | unseen flagged "
           "| unseen conf-wrong | unseen right or flagged | TB flagged | TB conf-wrong | other right |")
     print("|---" * 13 + "|")
-    for name in ("clean", "robust", "mean", "mean+disagree", "clean+disagree"):
+    for name in ("clean", "robust", "mean", "mean+disagree", "clean+disagree", "mean, joint"):
         fig = {}
         for s in sets:
             p, refer = rule(name, s)
