@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,7 @@ from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.verdict import fit_min_confidence
 
 
-def outputs(model_dir: Path, paths: Paths, sets: dict[str, list]) -> dict[str, np.ndarray]:
+def outputs(model_dir: Path, paths: Paths, sets: dict[str, Callable]) -> dict[str, np.ndarray]:
     """Calibrated probabilities and refer flags of one model per set (cached by weights hash)."""
     key = hashlib.sha1((model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
     cache = paths.root / ".cache" / "ensemble" / f"{key}-v2.npz"
@@ -42,10 +43,10 @@ def outputs(model_dir: Path, paths: Paths, sets: dict[str, list]) -> dict[str, n
         return {k: z[k] for k in z.files}
     model, out = load_model(model_dir), {}
     for name, films in sets.items():
-        imgs = films(model.size)
+        imgs, rules = films(model.size)   # rules: the not-an-X-ray rule each film fails, as the service applies
         probs, refer, margin = [], [], []
         for i in range(0, len(imgs), 64):
-            p = model.predict(np.asarray(imgs[i:i + 64]))
+            p = model.predict(np.asarray(imgs[i:i + 64]), rules[i:i + 64])
             probs.append(p.probs)
             refer.append(np.array([v == "refer" for v in p.verdict]))
             margin.append(p.novelty - model.ood.threshold)
@@ -72,11 +73,15 @@ def main() -> None:
     sets, ys = {}, {}
     for s in ("valid", "test"):
         d = df[df["split"] == s].reset_index(drop=True)
-        sets[s] = lambda size, d=d: decoded(d, size, paths.root, paths.cache)
+        # manifest films passed data check's not-an-X-ray rules in `prepare`
+        sets[s] = lambda size, d=d: (decoded(d, size, paths.root, paths.cache), [None] * len(d))
         ys[s] = d["label"].map(CLASSES.index).to_numpy()
     for g in groups:
         files = list(ext[ext["group"] == g]["file"])
-        sets[g] = lambda size, files=files: np.stack([load_film(paths.root / "external" / f, size)[0] for f in files])
+        def films(size, files=files):
+            loaded = [load_film(paths.root / "external" / f, size) for f in files]
+            return np.stack([g for g, _ in loaded]), [rule for _, rule in loaded]
+        sets[g] = films
         ys[g] = np.array([CLASSES.index(x) if x in CLASSES else -1 for x in ext[ext["group"] == g]["label"]])
     a, b = outputs(args.clean, paths, sets), outputs(args.robust, paths, sets)
 
