@@ -66,4 +66,5 @@ def train_config(params: dict[str, Any]) -> dict[str, Any]:
     cfg["mixup"] = t["mixup"]
     cfg["ema"] = t["ema"]
     cfg["calibration"] = t["calibration"]
+    cfg["clean_head"] = t["clean_head"]
     return cfg

@@ -18,12 +18,13 @@ def test_training_touches_no_network(trained_tiny):
 def test_artifacts_are_weights_only_and_complete(trained_tiny):
     root, meta, _ = trained_tiny
     d = Paths(root).model_dir
-    assert sorted(p.name for p in d.iterdir()) == ["model.json", "model.safetensors", "ood.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["clean_head.safetensors", "model.json", "model.safetensors",
+                                                   "ood.safetensors"]
     sd = load_file(str(d / "model.safetensors"))  # safetensors: no pickle involved
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     mj = json.loads((d / "model.json").read_text())
     for key in ("arch", "classes", "image_size", "normalize", "temperature", "data_md5", "git_sha", "params", "ood",
-                "verdict"):
+                "verdict", "clean_head"):
         assert key in mj
     assert mj["classes"] == list(CLASSES) and mj["image_size"] == 64 and mj["params"]["profile"] == "smoke"
     assert mj["temperature"] > 0 and np.isfinite(mj["ood"]["threshold"])

@@ -47,6 +47,7 @@ def score(pred: dict[str, Any], n_bins: int = 15) -> dict[str, Any]:
     m["ece_after"] = ece(cal, pred["y"], n_bins)
     m["temperature"] = float(pred["temperature"])
     m["class_bias"] = pred["meta"].get("class_bias")
+    m["clean_head"] = pred["meta"].get("clean_head")
     refer = np.array([v == "refer" for v in p.verdict])
     m["flagged"] = float(refer.mean())
     m["flagged_by_reason"] = {r: float(np.mean([x == r for x in p.reason])) for r in sorted({x for x in p.reason if x})}
@@ -60,6 +61,8 @@ def _calibration(m: dict[str, Any]) -> str:
     s = f"T {m['temperature']:.3f}"
     if m.get("class_bias"):
         s += ", class offsets " + " / ".join(f"{b:+.2f}" for b in m["class_bias"])
+    if m.get("clean_head"):   # before: the trained head's raw softmax; after: the mean answer of both heads
+        s += f"; mean with the clean head (T {float(m['clean_head']['temperature']):.3f})"
     return s
 
 

@@ -23,6 +23,17 @@ def _calibration(meta: dict[str, Any]) -> str:
     return s
 
 
+def _heads(meta: dict[str, Any]) -> str:
+    c = meta.get("clean_head")
+    if not c:
+        return "- Heads: one; its calibrated probabilities are the answer."
+    return (f"- Heads: two on the same body, one forward pass. The answer is the mean of their calibrated\n"
+            f"  probabilities: the trained head, and a logistic regression fitted on the pooled features of the\n"
+            f"  *unaugmented* training films (L2 {float(c['l2']):g}, temperature {float(c['temperature']):.3f}, both by\n"
+            f"  valid NLL; model/cleanhead.py). The second head reads the training sources as they are, shortcuts\n"
+            f"  included; where the two heads disagree the mean loses confidence and the film is referred.")
+
+
 def _parts(meta: dict[str, Any]) -> str:
     parts = list(((meta.get("ood") or {}).get("scales") or {}))
     return "; ".join(PART_WORDS.get(k, k) for k in parts) or "no parts"
@@ -64,6 +75,7 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
   normalised with mean {meta.get('normalize', {}).get('mean')} / std {meta.get('normalize', {}).get('std')}.
 - Profile `{p.get('profile')}`, params hash `{meta.get('params_hash')}`, git `{meta.get('git_sha')}`.
 - Calibration: {_calibration(meta)}, fitted on the validation split (model/calibration.py).
+{_heads(meta)}
 - Training against acquisition shortcuts: each training film is re-processed at random as another site
   might (unsharp masking, blur, gamma, contrast, partial histogram equalisation, noise, JPEG re-compression),
   with label smoothing {p.get('label_smoothing', 0)}.

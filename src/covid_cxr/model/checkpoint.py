@@ -1,4 +1,5 @@
-"""Weights-only model files: `model.safetensors` + `model.json` (+ `ood.safetensors`, the novelty model).
+"""Weights-only model files: `model.safetensors` + `model.json` (+ `ood.safetensors`, the novelty
+model; + `clean_head.safetensors`, the second head of model/cleanhead.py).
 
 Serving, evaluation and the champion check load models only through here.
 Nothing is ever unpickled.
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from covid_cxr.config import CLASSES
 from covid_cxr.model.calibration import Calibration
+from covid_cxr.model.cleanhead import FILE as CLEAN_HEAD, CleanHead, mix
 from covid_cxr.model.nets import CxrNet, build
 from covid_cxr.data.preprocess import Norm, normalize_batch
 from covid_cxr.model.verdict import Policy, decide
@@ -225,8 +227,8 @@ class Novelty:
 class Predictions:
     """One batch through the model: calibrated probabilities, novelty and the verdict."""
 
-    logits: np.ndarray            # (N, C) raw
-    probs: np.ndarray             # (N, C) calibrated (model/calibration.py)
+    logits: np.ndarray            # (N, C) raw, of the trained head
+    probs: np.ndarray             # (N, C) calibrated (model/calibration.py); with a clean head, the mean of both
     novelty: np.ndarray | None    # (N,) novelty score, None without a novelty model
     novel: np.ndarray             # (N,) bool: novelty over threshold
     verdict: list[str]            # "ok" | "refer"
@@ -243,6 +245,7 @@ class LoadedModel:
     meta: dict[str, Any]
     ood: Novelty | None = None
     channels_last: bool = True
+    clean: CleanHead | None = None   # the second head (model/cleanhead.py), None for one-head models
 
     @property
     def size(self) -> int:
@@ -284,6 +287,8 @@ class LoadedModel:
         """
         logits, feats, style = self.forward(grays)
         probs = self.calibration.probs(logits)
+        if self.clean is not None:
+            probs = mix(probs, self.clean.probs(feats))
         novelty, novel = None, np.zeros(len(probs), bool)
         if self.ood is not None:
             novelty = self.ood.score(feats, style, logits).numpy()
@@ -291,8 +296,22 @@ class LoadedModel:
         verdicts, reasons = decide(probs, novel, self.policy, not_xray)
         return Predictions(logits.numpy(), probs, novelty, novel, verdicts, reasons)
 
+    def cam_head(self):
+        """What Grad-CAM differentiates: pooled features -> per-class scores of the answer given.
 
-def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: Novelty | OodModel | None = None) -> None:
+        One head: its raw logits. Two heads: the log of their mean calibrated probability."""
+        if self.clean is None:
+            return self.net.head
+        cal, clean, head = self.calibration, self.clean, self.net.head
+
+        def score(pooled: torch.Tensor) -> torch.Tensor:
+            p = (torch.softmax(cal.logits(head(pooled)), dim=1) + clean.probs_t(pooled)) / 2
+            return p.clamp_min(1e-12).log()
+        return score
+
+
+def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: Novelty | OodModel | None = None,
+               clean: CleanHead | None = None) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
@@ -306,6 +325,9 @@ def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: Novelty | 
         save_file({k: v.contiguous() for k, v in ood.tensors().items()}, str(out_dir / OOD))
         meta["ood"] = ood.describe()
         meta.setdefault("verdict", {})["novelty_threshold"] = ood.threshold
+    if clean is not None:
+        save_file(clean.tensors(), str(out_dir / CLEAN_HEAD))
+        meta["clean_head"] = clean.describe()
     (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -326,4 +348,9 @@ def load_model(model_dir: Path, channels_last: bool = True) -> LoadedModel:
     ood = None
     if (model_dir / OOD).exists() and "ood" in meta:
         ood = Novelty.from_tensors(load_file(str(model_dir / OOD)), meta["ood"])
-    return LoadedModel(net=net, meta=meta, ood=ood, channels_last=channels_last)
+    clean = None
+    if "clean_head" in meta:
+        if not (model_dir / CLEAN_HEAD).exists():
+            raise FileNotFoundError(f"model.json names a clean head but {model_dir / CLEAN_HEAD} is missing")
+        clean = CleanHead.from_tensors(load_file(str(model_dir / CLEAN_HEAD)), meta["clean_head"])
+    return LoadedModel(net=net, meta=meta, ood=ood, channels_last=channels_last, clean=clean)

@@ -21,12 +21,14 @@ _ANCHORS = np.array(
 
 
 def gradcam(net: torch.nn.Module, x: torch.Tensor, class_idx: int | list[int] | None = None,
-            positive_fallback: bool = True) -> tuple[np.ndarray, torch.Tensor, list[str]]:
+            positive_fallback: bool = True, head=None) -> tuple[np.ndarray, torch.Tensor, list[str]]:
     """Class activation maps for a batch.
 
     `net` has `.body` (conv feature maps), `.pool` (B,C,h,w -> B,F) and `.head` (-> logits).
     `x` is the normalised model input (B,3,H,W). `class_idx`: the class to explain,
-    per image or for all; None explains each image's top class.
+    per image or for all; None explains each image's top class. `head` (pooled features ->
+    class scores) replaces `net.head`: `LoadedModel.cam_head()`, which explains a two-head
+    model's mean answer.
 
     Grad-CAM weights each channel by its mean gradient. On small feature maps (3x3 to
     5x5 here) those weights can cancel out to an all-negative map, which ReLU turns into
@@ -42,7 +44,7 @@ def gradcam(net: torch.nn.Module, x: torch.Tensor, class_idx: int | list[int] | 
         feats = net.body(x)
     a = feats.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        logits = net.head(net.pool(a))
+        logits = (head if head is not None else net.head)(net.pool(a))
         if class_idx is None:
             idx = logits.argmax(dim=1)
         elif isinstance(class_idx, int):

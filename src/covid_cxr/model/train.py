@@ -11,7 +11,9 @@ Recipe (params.yaml `train`; speed choices measured in bench/bench_train.py):
 4. channels_last tensors (+~25% img/s on CPU); torch.compile is a param (off: no gain here); the
    final-size epochs may run under bfloat16 autocast, and a weight EMA may replace the last weights
    (model/callbacks.py).
-Then, on train and valid only: calibration (model/calibration.py), the novelty model and the refer thresholds.
+Then, on train and valid only: calibration (model/calibration.py), the novelty model, the clean
+second head on the same features (model/cleanhead.py, when `train.clean_head` is set) and the
+refer thresholds.
 Per-epoch loss and accuracy go to DVCLive (artifacts/train/: `dvc plots show`, `dvc exp show`).
 """
 from __future__ import annotations
@@ -279,6 +281,16 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
                           tuple(vcfg["novelty_parts"]), temperature, vcfg["knn_k"],
                           dict(vcfg["part_quantiles"]))
         p_va = calib.probs(logits_va)
+        clean, clean_rows = None, []
+        if cfg["clean_head"]:
+            from covid_cxr.model.cleanhead import fit_clean_head, mix
+
+            clean, clean_rows = fit_clean_head(f_tr.numpy(), labels[tr], f_va.numpy(), labels[va],
+                                               cfg["clean_head"]["l2"], len(CLASSES))
+            typer.echo(f"  clean head: L2 {clean.l2:g}, T {clean.temperature:.3f} (lowest valid NLL of "
+                       f"{len(clean_rows)}); head alone valid acc "
+                       f"{float((p_va.argmax(1) == labels[va]).mean()):.4f}")
+            p_va = mix(p_va, clean.probs(f_va))
         valid_acc = float((p_va.argmax(1) == labels[va]).mean())   # the label the service gives
         min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
 
@@ -293,13 +305,14 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         "params": cfg,
         "params_hash": params_hash(cfg),
         "valid_accuracy": valid_acc,
+        "clean_head_fit": clean_rows,
         "n_train": int(len(tr)),
         "n_valid": int(len(va)),
         "history": history,
         "timings_s": timings,
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    save_model(net, meta, paths.model_dir, ood=ood)
+    save_model(net, meta, paths.model_dir, ood=ood, clean=clean)
     live.summary["final"] = {"valid_accuracy": valid_acc, "temperature": temperature}  # after calibration
     live.end()
     total = time.perf_counter() - t0

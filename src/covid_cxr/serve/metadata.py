@@ -47,6 +47,7 @@ def describe(model_dir: Path, model_tag: str, store_info: Mapping[str, Any], rea
         "image_size": meta.get("image_size"),
         "temperature": meta.get("temperature"),
         "class_bias": meta.get("class_bias"),
+        "clean_head": meta.get("clean_head"),
         "data_version": meta.get("data_md5"),
         "git_sha": meta.get("git_sha"),
         "params": meta.get("params"),
