@@ -33,7 +33,9 @@ def real_images(n_per_class: int) -> list[tuple[Path, int]]:
     return out
 
 
-def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12, seed: int = 0) -> Path:
+def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12, seed: int = 0,
+                     clean_head: bool = True) -> Path:
+    """A small real model shaped as `train` ships one: trained head, novelty bank and (by default) a clean head."""
     import torch
 
     from covid_cxr.model import checkpoint as model_io, nets as models
@@ -76,7 +78,12 @@ def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12,
             "trained_at": "2024-01-01T00:00:00+00:00",
         }
     )
-    model_io.save_model(net, meta, out_dir, ood=ood)
+    clean = None
+    if clean_head:
+        from covid_cxr.model.cleanhead import fit_clean_head
+
+        clean, _ = fit_clean_head(feats.numpy(), labels, feats.numpy(), labels, [0.01], len(CLASSES))
+    model_io.save_model(net, meta, out_dir, ood=ood, clean=clean)
     return out_dir
 
 

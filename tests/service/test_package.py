@@ -96,7 +96,7 @@ def test_package_builds_a_bento_pinned_to_the_model(packaged, bentoml_home, test
     assert my["labels"]["git_sha"] == meta["git_sha"]
     assert my["labels"]["params_hash"] == rec["params_hash"]
     assert my["metadata"]["metrics"]["accuracy"] == pytest.approx(rec["metrics"]["accuracy"])
-    for f in ("model.safetensors", "model.json", "ood.safetensors", "metrics.json", "gate.json"):
+    for f in ("model.safetensors", "model.json", "ood.safetensors", "clean_head.safetensors", "metrics.json", "gate.json"):
         assert (model_dir / f).is_file(), f
     assert (model_dir / "model.safetensors").read_bytes() == (test_model_dir / "model.safetensors").read_bytes()
 

@@ -25,6 +25,7 @@ from covid_cxr.model.verdict import Policy, decide
 WEIGHTS = "model.safetensors"
 META = "model.json"
 OOD = "ood.safetensors"
+FILES = (WEIGHTS, META, OOD, CLEAN_HEAD)    # all a model directory may hold: `package` copies these
 
 
 def _pca(x: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,6 @@ from covid_cxr.release.promotion import KEY_METRICS
 from covid_cxr.release.promotion import now as _now
 
 MODEL_NAME = "covid_cxr"
-MODEL_FILES = ("model.safetensors", "model.json", "ood.safetensors")
 
 
 class PackagingError(RuntimeError):
@@ -122,14 +121,14 @@ def save_model(paths: Paths, gate: dict[str, Any], metrics: dict[str, Any]) -> s
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from covid_cxr.model.checkpoint import load_meta
+    from covid_cxr.model.checkpoint import FILES, load_meta
 
     src = paths.model_dir
     for f in ("model.safetensors", "model.json"):
         if not (src / f).is_file():
             raise PackagingError(f"{src / f} is missing: run training first (`dvc repro train`)")
     meta = load_meta(src)
-    files = [src / f for f in MODEL_FILES if (src / f).is_file()]
+    files = [src / f for f in FILES if (src / f).is_file()]
     extra = {"metrics.json": metrics, "gate.json": gate}
     card = paths.model_card if paths.model_card.is_file() else None
 
