@@ -64,12 +64,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--features", default="feats", help="feats | style | feats+style: what the clean head reads")
+    ap.add_argument("--l2", default="1e-3,3e-3,1e-2,3e-2,0.1,0.3,1", help="the L2 grid, comma-separated")
     args = ap.parse_args()
     paths = Paths()
     params = load_params(paths.root / "params.yaml")
     confident = float(params["external"]["confident"])
     lq = float(params["verdict"]["low_confidence_quantile"])
     model = load_model(args.model_dir)
+    model.clean = None      # a pipeline model ships a clean head already: study the trained head's body alone
     df = pd.read_csv(paths.manifest)
     ext = pd.read_csv(paths.root / "external" / "labels.csv")
     groups = sorted(ext["group"].unique())
@@ -101,7 +103,7 @@ def main() -> None:
     mu, sd = feats["train"].mean(0), feats["train"].std(0) + 1e-6
     std = {s: (x - mu) / sd for s, x in feats.items()}
     best = None
-    for l2 in (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0):
+    for l2 in (float(v) for v in args.l2.split(",")):
         lin = fit_logreg(std["train"], ys["train"], l2)
         with torch.no_grad():
             zv = lin(torch.as_tensor(std["valid"], dtype=torch.float64))
