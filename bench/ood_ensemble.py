@@ -28,10 +28,10 @@ import pandas as pd
 
 from covid_cxr.config import CLASSES, Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.evaluation.metrics import COVID, ece
 from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.verdict import fit_min_confidence
+from oodtable import HEADER, external_labels, row
 
 
 def outputs(model_dir: Path, paths: Paths, sets: dict[str, Callable]) -> dict[str, np.ndarray]:
@@ -82,7 +82,7 @@ def main() -> None:
             loaded = [load_film(paths.root / "external" / f, size) for f in files]
             return np.stack([g for g, _ in loaded]), [rule for _, rule in loaded]
         sets[g] = films
-        ys[g] = np.array([CLASSES.index(x) if x in CLASSES else -1 for x in ext[ext["group"] == g]["label"]])
+    ys.update(external_labels(ext, groups))
     a, b = outputs(args.clean, paths, sets), outputs(args.robust, paths, sets)
 
     novel = {s: np.maximum(a[f"{s}/margin"], b[f"{s}/margin"]) for s in sets}
@@ -97,26 +97,10 @@ def main() -> None:
                 "clean+disagree": (pa, ra | rb | disagree),
                 "mean, joint": ((pa + pb) / 2, (novel[s] > thr) | (((pa + pb) / 2).max(1) < min_conf))}[name]
 
-    pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
     print(f"clean {args.clean}\nrobust {args.robust}")
-    print("| rule | valid flagged | test acc | COVID recall | test ECE | test flagged | unseen right | unseen flagged "
-          "| unseen conf-wrong | unseen right or flagged | TB flagged | TB conf-wrong | other right |")
-    print("|---" * 13 + "|")
+    print(HEADER)
     for name in ("clean", "robust", "mean", "mean+disagree", "clean+disagree", "mean, joint"):
-        fig = {}
-        for s in sets:
-            p, refer = rule(name, s)
-            conf, pred = p.max(1), p.argmax(1)
-            right = pred == ys[s]
-            fig[s] = dict(flagged=refer.mean(), right=right.mean(), rof=(right | refer).mean(),
-                          cw=(~right & ~refer & (conf >= confident)).mean())
-        pt, yt = rule(name, "test")[0], ys["test"]
-        rec = float((pt.argmax(1)[yt == COVID] == COVID).mean())
-        u, tb, on = fig["unseen_hospital_normal"], fig["tuberculosis"], fig["other_normal"]
-        print(f"| {name} | {pct(fig['valid']['flagged'])} | {fig['test']['right']:.4f} | {rec:.4f} "
-              f"| {ece(pt, yt, 15):.4f} | {pct(fig['test']['flagged'])} | {pct(u['right'])} | {pct(u['flagged'])} "
-              f"| {pct(u['cw'])} | {pct(u['rof'])} | {pct(tb['flagged'])} | {pct(tb['cw'])} | {pct(on['right'])} |",
-              flush=True)
+        print(row(name, rule, sets, ys, confident), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from covid_cxr.data.cache import decoded
 from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
 from covid_cxr.model.verdict import fit_min_confidence
+from oodtable import external_labels, load_sets, save_sets
 
 PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -91,16 +92,10 @@ def main() -> None:
     ext = pd.read_csv(paths.root / "external" / "labels.csv")
     groups = sorted(ext["group"].unique())
     ys = {s: y_all[df["split"].to_numpy() == s] for s in ("train", "valid", "test")}
-    for g in groups:
-        ys[g] = np.array([CLASSES.index(x) if x in CLASSES else -1 for x in ext[ext["group"] == g]["label"]])
+    ys.update(external_labels(ext, groups))
     ys["photos"] = np.full(len(PHOTOS), -1)
-    if cache.exists():
-        z = np.load(cache)
-        sets: dict[str, dict[str, np.ndarray]] = {}
-        for name in z.files:
-            s, f = name.split("/")
-            sets.setdefault(s, {})[f] = z[name]
-    else:
+    sets = load_sets(cache)
+    if sets is None:
         imgs = {s: decoded(df[df["split"] == s].reset_index(drop=True), model.size, paths.root, paths.cache)
                 for s in ("train", "valid", "test")}
         with torch.inference_mode():
@@ -121,8 +116,7 @@ def main() -> None:
             Image.fromarray(load_sample_image(name)).convert("L").save(buf, "PNG")
             return buf.getvalue()
         sets["photos"] = forward_all(model, np.stack([load_film(png(n), model.size)[0] for n in PHOTOS]), react)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, **{f"{s}/{f}": v for s, d in sets.items() for f, v in d.items()})
+        save_sets(cache, sets)
         print(f"ReAct clip level (train {args.react_pct:g}th percentile): {react:.4f}")
     probs = {k: torch.softmax(torch.as_tensor(v["logits"]) / T, 1).numpy() for k, v in sets.items()}
     q, lq, k = float(vcfg["novelty_quantile"]), float(vcfg["low_confidence_quantile"]), int(vcfg["knn_k"])

@@ -1,0 +1,59 @@
+"""What the ood_* bench scripts share: their per-set feature caches, and the one table row they print.
+
+A row judges one rule (probabilities + refer flags per set) the way `external.json` and the test
+figures do: flagged = refer for any reason; confidently wrong = wrong, not referred, top ≥ `confident`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from covid_cxr.config import CLASSES
+from covid_cxr.evaluation.metrics import COVID, ece
+
+HEADER = ("| rule | valid flagged | test acc | COVID recall | test ECE | test flagged | unseen right | unseen flagged "
+          "| unseen conf-wrong | unseen right or flagged | TB flagged | TB conf-wrong | other right |\n"
+          + "|---" * 13 + "|")
+
+
+def external_labels(ext, groups) -> dict[str, np.ndarray]:
+    """Class index per external film of each group; -1 where the truth is none of the classes (TB)."""
+    return {g: np.array([CLASSES.index(x) if x in CLASSES else -1 for x in ext[ext["group"] == g]["label"]])
+            for g in groups}
+
+
+def load_sets(cache: Path) -> dict[str, dict[str, np.ndarray]] | None:
+    """`{set: {field: array}}` from a cache written by `save_sets`, or None when there is none."""
+    if not cache.exists():
+        return None
+    z = np.load(cache)
+    sets: dict[str, dict[str, np.ndarray]] = {}
+    for name in z.files:
+        s, f = name.split("/")
+        sets.setdefault(s, {})[f] = z[name]
+    return sets
+
+
+def save_sets(cache: Path, sets: dict[str, dict[str, np.ndarray]]) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **{f"{s}/{f}": v for s, d in sets.items() for f, v in d.items()})
+
+
+def row(name: str, rule: Callable[[str, str], tuple[np.ndarray, np.ndarray]], sets, ys: dict[str, np.ndarray],
+        confident: float) -> str:
+    """One markdown row for `rule(name, set) -> (probs, refer)` over valid, test and the external groups."""
+    pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
+    fig = {}
+    for s in sets:
+        p, refer = rule(name, s)
+        right = p.argmax(1) == ys[s]
+        fig[s] = dict(flagged=refer.mean(), right=right.mean(), rof=(right | refer).mean(),
+                      cw=(~right & ~refer & (p.max(1) >= confident)).mean())
+    pt, yt = rule(name, "test")[0], ys["test"]
+    rec = float((pt.argmax(1)[yt == COVID] == COVID).mean())
+    u, tb, on = fig["unseen_hospital_normal"], fig["tuberculosis"], fig["other_normal"]
+    return (f"| {name} | {pct(fig['valid']['flagged'])} | {fig['test']['right']:.4f} | {rec:.4f} "
+            f"| {ece(pt, yt, 15):.4f} | {pct(fig['test']['flagged'])} | {pct(u['right'])} | {pct(u['flagged'])} "
+            f"| {pct(u['cw'])} | {pct(u['rof'])} | {pct(tb['flagged'])} | {pct(tb['cw'])} | {pct(on['right'])} |")
