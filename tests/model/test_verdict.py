@@ -39,7 +39,7 @@ def test_novelty_sees_content_and_style_and_flags_about_the_quantile():
     vc, vs = rng.normal(0, 1, (300, 40)) + np.repeat([0, 1, 2], 100)[:, None], rng.normal(0, 1, (300, 12))
     nov = Novelty.fit({"content": content, "style": style}, y,
                       {"content": torch.tensor(vc, dtype=torch.float32), "style": torch.tensor(vs, dtype=torch.float32)},
-                      0.98, {"content": 16, "style": 8}, ("content", "style"), 1.0)
+                      0.98, {"content": 16, "style": 8}, ("content", "style"), 1.0, combine="max")
     s_valid = nov.score(torch.tensor(vc, dtype=torch.float32), torch.tensor(vs, dtype=torch.float32))
     assert (s_valid > nov.threshold).float().mean() == pytest.approx(0.02, abs=0.01)
     # a batch whose content is typical but whose style is shifted is flagged through the style part alone
@@ -59,7 +59,7 @@ def test_energy_part_flags_films_no_class_claims():
     feats = torch.zeros(400, 4)
     nov = Novelty.fit({"content": feats.numpy() + rng.normal(0, 1, (400, 4))}, rng.integers(0, 3, 400),
                       {"content": feats + torch.tensor(rng.normal(0, 1, (400, 4)), dtype=torch.float32),
-                       "logits": sharp}, 0.99, {"content": 4}, ("content", "energy"), 1.0)
+                       "logits": sharp}, 0.99, {"content": 4}, ("content", "energy"), 1.0, combine="max")
     flat = torch.zeros(20, 3)  # no class stands out: high energy
     x = torch.tensor(rng.normal(0, 1, (20, 4)), dtype=torch.float32)
     assert (nov.score(x, None, flat) > nov.threshold).all()
@@ -79,8 +79,9 @@ def test_knn_part_flags_a_film_between_the_sources_of_one_class():
     valid = torch.tensor(np.concatenate([src[i] + rng.normal(0, 1, (150, d)) for i in (0, 1)]), dtype=torch.float32)
     y = np.zeros(len(train), int)
     between = torch.tensor(rng.normal(0, 1, (40, d)), dtype=torch.float32)  # halfway: the class mean
-    knn = Novelty.fit({"content": train}, y, {"content": valid}, 0.99, {"knn": 8}, ("knn",), 1.0, 10)
-    gauss = Novelty.fit({"content": train}, y, {"content": valid}, 0.99, {"content": 8}, ("content",), 1.0)
+    knn = Novelty.fit({"content": train}, y, {"content": valid}, 0.99, {"knn": 8}, ("knn",), 1.0, 10, combine="max")
+    gauss = Novelty.fit({"content": train}, y, {"content": valid}, 0.99, {"content": 8}, ("content",), 1.0,
+                        combine="max")
     assert (knn.score(between) > knn.threshold).float().mean() > 0.9
     assert (gauss.score(between) > gauss.threshold).float().mean() < 0.1
     assert (knn.score(valid) > knn.threshold).float().mean() == pytest.approx(0.01, abs=0.01)
@@ -93,7 +94,7 @@ def test_knn_part_needs_its_k():
     x = np.random.default_rng(0).normal(0, 1, (50, 4))
     with pytest.raises(ValueError, match="knn_k"):
         Novelty.fit({"content": x}, np.zeros(50, int), {"content": torch.tensor(x, dtype=torch.float32)},
-                    0.99, {"knn": 2}, ("knn",), 1.0)
+                    0.99, {"knn": 2}, ("knn",), 1.0, combine="max")
 
 
 def test_group_summary_counts_right_flagged_and_confident_wrong():
@@ -146,7 +147,7 @@ def test_a_part_scaled_at_a_higher_quantile_takes_a_smaller_share_but_still_refe
 
     def fit(pq):
         return Novelty.fit({"content": content, "style": style}, y, {"content": vc, "style": vs}, 0.95,
-                           {"content": 16, "style": 8}, ("content", "style"), 1.0, None, pq)
+                           {"content": 16, "style": 8}, ("content", "style"), 1.0, None, pq, combine="max")
 
     def style_share(nov):
         parts = nov.part_scores(vc, vs)
@@ -163,3 +164,44 @@ def test_a_part_scaled_at_a_higher_quantile_takes_a_smaller_share_but_still_refe
     far = torch.tensor(rng.normal(8, 1, (20, 12)), dtype=torch.float32)
     typical = vc[:20]
     assert bool((narrow.score(typical, far) > narrow.threshold).all())
+
+
+def test_summed_parts_add_up_evidence_that_the_largest_part_alone_misses():
+    rng = np.random.default_rng(4)
+    n, y = 900, np.repeat([0, 1, 2], 300)
+    content, style = rng.normal(0, 1, (n, 20)) + y[:, None], rng.normal(0, 1, (n, 10))
+    vc = torch.tensor(rng.normal(0, 1, (900, 20)) + np.repeat([0, 1, 2], 300)[:, None], dtype=torch.float32)
+    vs = torch.tensor(rng.normal(0, 1, (900, 10)), dtype=torch.float32)
+
+    def fit(combine):
+        return Novelty.fit({"content": content, "style": style}, y, {"content": vc, "style": vs}, 0.98,
+                           {"content": 8, "style": 6}, ("content", "style"), 1.0, combine=combine)
+
+    mx, sm = fit("max"), fit("sum")
+    assert mx.describe()["combine"] == "max" and sm.describe()["combine"] == "sum"
+    for nov in (mx, sm):   # the same valid budget either way
+        assert (nov.score(vc, vs) > nov.threshold).float().mean() == pytest.approx(0.02, abs=0.006)
+    parts = sm.part_scores(vc, vs)
+    torch.testing.assert_close(sm.score(vc, vs), parts["content"] + parts["style"])
+    torch.testing.assert_close(mx.score(vc, vs), torch.maximum(parts["content"], parts["style"]))
+    # films from the same distribution that are somewhat unusual in both parts (each over its valid
+    # 93rd percentile) and extreme in neither (the largest under the max rule's threshold):
+    # their sum is over the sum rule's threshold, so that rule alone refers them
+    pool_c = torch.tensor(rng.normal(0, 1, (20000, 20)) + rng.integers(0, 3, 20000)[:, None], dtype=torch.float32)
+    pool_s = torch.tensor(rng.normal(0, 1, (20000, 10)), dtype=torch.float32)
+    pp = sm.part_scores(pool_c, pool_s)
+    q93 = {k: torch.quantile(v, 0.93) for k, v in parts.items()}
+    both = (pp["content"] > q93["content"]) & (pp["style"] > q93["style"]) & (mx.score(pool_c, pool_s) <= mx.threshold)
+    assert both.sum() >= 10
+    assert (sm.score(pool_c, pool_s)[both] > sm.threshold).float().mean() > 0.8
+    # ... while a film unusual in one part only is referred by both rules
+    far = torch.tensor(rng.normal(5, 1, (30, 10)), dtype=torch.float32)
+    typical = vc[:30]
+    assert (sm.score(typical, far) > sm.threshold).all() and (mx.score(typical, far) > mx.threshold).all()
+    # the rule travels with the model; files saved before it existed load as max
+    again = Novelty.from_tensors(sm.tensors(), sm.describe())
+    torch.testing.assert_close(again.score(vc, vs), sm.score(vc, vs))
+    old = {k: v for k, v in mx.describe().items() if k != "combine"}
+    torch.testing.assert_close(Novelty.from_tensors(mx.tensors(), old).score(vc, vs), mx.score(vc, vs))
+    with pytest.raises(ValueError, match="verdict.combine"):
+        fit("mean")

@@ -39,6 +39,10 @@ def _parts(meta: dict[str, Any]) -> str:
     return "; ".join(PART_WORDS.get(k, k) for k in parts) or "no parts"
 
 
+def _combine(meta: dict[str, Any]) -> str:
+    return "sum" if (meta.get("ood") or {}).get("combine") == "sum" else "largest"
+
+
 def _verdict(meta: dict[str, Any]) -> str:
     v = meta.get("verdict") or {}
     nov = v.get("novelty_threshold")
@@ -80,7 +84,7 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
   might (unsharp masking, blur, gamma, contrast, partial histogram equalisation, noise, JPEG re-compression),
   with label smoothing {p.get('label_smoothing', 0)}.
 - **Verdict**: every answer is `ok` or `refer` (`not_an_xray`, `outside_training_data`, `low_confidence`).
-  The novelty score is the largest of its standardised parts: {_parts(meta)}.
+  The novelty score is the {_combine(meta)} of its standardised parts: {_parts(meta)}.
   {_verdict(meta)}; both fitted on the validation split (`verdict` in params.yaml).
 
 ## Data

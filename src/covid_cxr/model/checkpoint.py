@@ -148,14 +148,21 @@ class Novelty:
     - `energy`: the energy of the temperature-scaled logits (no class claims the film);
     - `knn`: distance to the k-th nearest training film's pooled features (KnnPart).
     Each part's score is standardised on the validation split, (s - median) / (quantile - median),
-    at the part's own quantile where `part_quantiles` names one,
-    the novelty score is the largest standardised part, and `threshold` is that score's validation
-    quantile. Means and covariances come from train; medians, quantiles and threshold from valid.
+    at the part's own quantile where `part_quantiles` names one. The novelty score combines the
+    standardised parts (`combine`, verdict.combine): `max`, the largest part, or `sum`, their sum,
+    which adds up evidence from films that are somewhat unusual in several parts at once.
+    `threshold` is that score's validation quantile. Means and covariances come from train;
+    medians, quantiles and threshold from valid.
     """
 
+    COMBINE = ("max", "sum")
+
     def __init__(self, parts: dict[str, Part], scales: dict[str, float], threshold: float,
-                 centers: dict[str, float] | None = None):
-        self.parts, self.scales, self.threshold = parts, scales, threshold
+                 centers: dict[str, float] | None = None, combine: str = "max"):
+        # combine="max": what models saved before `verdict.combine` existed were fitted with
+        if combine not in self.COMBINE:
+            raise ValueError(f"verdict.combine must be one of {self.COMBINE}, not {combine!r}")
+        self.parts, self.scales, self.threshold, self.combine = parts, scales, threshold, combine
         self.centers = centers or {k: 0.0 for k in parts}
 
     def part_scores(self, content: torch.Tensor, style: torch.Tensor | None = None,
@@ -166,12 +173,14 @@ class Novelty:
 
     def score(self, content: torch.Tensor, style: torch.Tensor | None = None,
               logits: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.stack(list(self.part_scores(content, style, logits).values())).amax(0)
+        parts = torch.stack(list(self.part_scores(content, style, logits).values()))
+        return parts.sum(0) if self.combine == "sum" else parts.amax(0)
 
     @classmethod
     def fit(cls, train: dict[str, np.ndarray], labels: np.ndarray, valid: dict[str, torch.Tensor],
             quantile: float, n_components: dict[str, int], parts: tuple[str, ...], temperature: float,
-            knn_k: int | None = None, part_quantiles: dict[str, float] | None = None) -> "Novelty":
+            knn_k: int | None = None, part_quantiles: dict[str, float] | None = None, *,
+            combine: str) -> "Novelty":
         models: dict[str, Part] = {}
         for k in parts:
             if k == "energy":
@@ -190,7 +199,7 @@ class Novelty:
             # refers only its extremes (the style part: photographs, not another site's processing)
             q = float((part_quantiles or {}).get(k, quantile))
             scales[k] = max(float(torch.quantile(v, q)) - centers[k], 1e-6)
-        nov = cls(models, scales, float("inf"), centers)
+        nov = cls(models, scales, float("inf"), centers, combine)
         nov.threshold = float(torch.quantile(nov.score(valid["content"], valid.get("style"), valid.get("logits")),
                                              quantile))
         return nov
@@ -199,7 +208,8 @@ class Novelty:
         return {f"{k}.{n}": t for k, m in self.parts.items() for n, t in m.tensors().items()}
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "max of standardised parts: " + ", ".join(self.parts), "threshold": self.threshold,
+        return {"kind": f"{self.combine} of standardised parts: " + ", ".join(self.parts),
+                "combine": self.combine, "threshold": self.threshold,
                 "scales": self.scales, "centers": self.centers,
                 "components": {k: int(m.components.shape[0]) for k, m in self.parts.items()
                                if isinstance(m, (OodModel, KnnPart))}}
@@ -221,7 +231,8 @@ class Novelty:
                 parts[k] = OodModel(g["mean"], g["components"], g["class_means"], g["precision"], float("inf"),
                                     g.get("resid_mean"))
         return cls(parts, {k: float(v) for k, v in desc["scales"].items()}, float(desc["threshold"]),
-                   {k: float(v) for k, v in (desc.get("centers") or {}).items()} or None)
+                   {k: float(v) for k, v in (desc.get("centers") or {}).items()} or None,
+                   desc.get("combine", "max"))
 
 
 @dataclass

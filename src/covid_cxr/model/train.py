@@ -279,7 +279,7 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
                           {"content": f_va, "style": s_va, "logits": logits_va},
                           float(vcfg["novelty_quantile"]), dict(vcfg["components"]),
                           tuple(vcfg["novelty_parts"]), temperature, vcfg["knn_k"],
-                          dict(vcfg["part_quantiles"]))
+                          dict(vcfg["part_quantiles"]), combine=vcfg["combine"])
         p_va = calib.probs(logits_va)
         clean, clean_rows = None, []
         if cfg["clean_head"]:

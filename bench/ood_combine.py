@@ -1,0 +1,106 @@
+"""How the novelty parts are combined: the largest standardised part (shipped) against their sum,
+on one or more trained models.
+
+Each model's own parts (as `train` fitted and standardised them on train and valid) score every
+set once (cached in .cache/combine/); each rule's threshold is its valid `novelty_quantile`, and
+the low-confidence refer is the model's own. `external/` is only scored.
+
+    .venv/bin/python bench/ood_combine.py artifacts/model .cache/experiments/NAME/model ...
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from covid_cxr.config import CLASSES, Paths, load_params
+from covid_cxr.data.cache import decoded
+from covid_cxr.evaluation.scoring import load_film
+from covid_cxr.model.checkpoint import load_model
+from oodtable import HEADER, external_labels, load_sets, row, save_sets
+
+PHOTOS = ("china.jpg", "flower.jpg")
+
+
+def parts_and_probs(model, imgs: np.ndarray, bs: int = 64) -> dict[str, np.ndarray]:
+    out: dict[str, list] = {"probs": []}
+    with torch.inference_mode():
+        for i in range(0, len(imgs), bs):
+            logits, feats, style = model.forward(np.asarray(imgs[i:i + bs]))
+            probs = model.calibration.probs(logits)
+            if model.clean is not None:
+                probs = (probs + model.clean.probs(feats)) / 2
+            out["probs"].append(torch.as_tensor(probs))
+            for k, v in model.ood.part_scores(feats, style, logits).items():
+                out.setdefault(f"part_{k}", []).append(v)
+    return {k: torch.cat(v).float().numpy() for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dirs", type=Path, nargs="+")
+    args = ap.parse_args()
+    paths = Paths()
+    params = load_params(paths.root / "params.yaml")
+    q, confident = float(params["verdict"]["novelty_quantile"]), float(params["external"]["confident"])
+    df = pd.read_csv(paths.manifest)
+    y_all = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    ext = pd.read_csv(paths.root / "external" / "labels.csv")
+    groups = sorted(ext["group"].unique())
+    ys = {s: y_all[df["split"].to_numpy() == s] for s in ("valid", "test")}
+    ys.update(external_labels(ext, groups))
+    ys["photos"] = np.full(len(PHOTOS), -1)
+    print(HEADER.replace("| rule |", "| model, rule |"))
+    for md in args.model_dirs:
+        model = load_model(md)
+        key = hashlib.sha1((md / "model.safetensors").read_bytes()).hexdigest()[:12]
+        cache = paths.root / ".cache" / "combine" / f"{key}.npz"
+        sets = load_sets(cache)
+        if sets is None:
+            sets = {s: parts_and_probs(model, decoded(df[df["split"] == s].reset_index(drop=True), model.size,
+                                                      paths.root, paths.cache)) for s in ("valid", "test")}
+            for g in groups:
+                files = ext[ext["group"] == g]["file"]
+                sets[g] = parts_and_probs(model, np.stack([load_film(paths.root / "external" / f, model.size)[0]
+                                                           for f in files]))
+            save_sets(cache, sets)
+        if "photos" not in sets:   # two greyscale photographs: the style part's job, under every rule
+            from PIL import Image
+            from sklearn.datasets import load_sample_image
+
+            grey = [np.asarray(Image.fromarray(load_sample_image(n)).convert("L").resize((model.size, model.size)))
+                    for n in PHOTOS]
+            sets["photos"] = parts_and_probs(model, np.stack(grey))
+            save_sets(cache, sets)
+        names = [k[5:] for k in sets["valid"] if k.startswith("part_")]
+        min_conf = float(model.policy.min_confidence)
+        rules = {
+            "max (shipped)": lambda d: np.max([d[f"part_{n}"] for n in names], 0),
+            "sum": lambda d: np.sum([d[f"part_{n}"] for n in names], 0),
+            "sum of the positive parts": lambda d: np.sum([np.clip(d[f"part_{n}"], 0, None) for n in names], 0),
+        }
+        if "style" in names:   # style scaled at its 99.9 % quantile: keep it as a max, sum the others
+            rest = [n for n in names if n != "style"]
+            # style is 1 at its own valid 99.9 % quantile; map that onto the sum's valid q quantile
+            unit = float(np.quantile(np.sum([sets["valid"][f"part_{n}"] for n in rest], 0), q))
+            rules["max(style, sum of the others)"] = lambda d: np.maximum(
+                d["part_style"] * unit, np.sum([d[f"part_{n}"] for n in rest], 0))
+        thr = {r: float(np.quantile(f(sets["valid"]), q)) for r, f in rules.items()}
+
+        def rule(name: str, s: str, rules=rules, thr=thr, sets=sets, min_conf=min_conf):
+            r = name.split(", ", 1)[1]
+            p = sets[s]["probs"]
+            return p, (rules[r](sets[s]) > thr[r]) | (p.max(1) < min_conf)
+        name = md.parent.name if md.name == "model" else md.name
+        for r in rules:
+            print(row(f"{name}, {r}", rule, sets, ys, confident))
+        print("  grey photographs referred: " + ", ".join(
+            f"{r} {int(rule(f'{name}, {r}', 'photos')[1].sum())} of {len(PHOTOS)}" for r in rules))
+
+
+if __name__ == "__main__":
+    main()
