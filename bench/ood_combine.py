@@ -1,5 +1,5 @@
-"""How the novelty parts are combined: the largest standardised part (shipped) against their sum,
-on one or more trained models.
+"""How the novelty parts are combined (`verdict.combine`): the largest standardised part against
+their sum (the pipeline's rule since 2026-12-04) and two variants, on one or more trained models.
 
 Each model's own parts (as `train` fitted and standardised them on train and valid) score every
 set once (cached in .cache/combine/); each rule's threshold is its valid `novelty_quantile`, and
@@ -19,11 +19,8 @@ import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import load_model
-from oodtable import HEADER, external_labels, load_sets, row, save_sets
-
-PHOTOS = ("china.jpg", "flower.jpg")
+from oodtable import HEADER, PHOTOS, external_films, external_labels, grey_photos, load_sets, row, save_sets
 
 
 def parts_and_probs(model, imgs: np.ndarray, bs: int = 64) -> dict[str, np.ndarray]:
@@ -64,22 +61,13 @@ def main() -> None:
             sets = {s: parts_and_probs(model, decoded(df[df["split"] == s].reset_index(drop=True), model.size,
                                                       paths.root, paths.cache)) for s in ("valid", "test")}
             for g in groups:
-                files = ext[ext["group"] == g]["file"]
-                sets[g] = parts_and_probs(model, np.stack([load_film(paths.root / "external" / f, model.size)[0]
-                                                           for f in files]))
-            save_sets(cache, sets)
-        if "photos" not in sets:   # two greyscale photographs: the style part's job, under every rule
-            from PIL import Image
-            from sklearn.datasets import load_sample_image
-
-            grey = [np.asarray(Image.fromarray(load_sample_image(n)).convert("L").resize((model.size, model.size)))
-                    for n in PHOTOS]
-            sets["photos"] = parts_and_probs(model, np.stack(grey))
+                sets[g] = parts_and_probs(model, external_films(paths.root, ext, g, model.size))
+            sets["photos"] = parts_and_probs(model, grey_photos(model.size))   # the style part's job, every rule
             save_sets(cache, sets)
         names = [k[5:] for k in sets["valid"] if k.startswith("part_")]
         min_conf = float(model.policy.min_confidence)
         rules = {
-            "max (shipped)": lambda d: np.max([d[f"part_{n}"] for n in names], 0),
+            "max": lambda d: np.max([d[f"part_{n}"] for n in names], 0),
             "sum": lambda d: np.sum([d[f"part_{n}"] for n in names], 0),
             "sum of the positive parts": lambda d: np.sum([np.clip(d[f"part_{n}"], 0, None) for n in names], 0),
         }

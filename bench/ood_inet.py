@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import time
 from pathlib import Path
 
@@ -26,14 +25,11 @@ import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
 from covid_cxr.model.nets import build
 from covid_cxr.model.train import embeddings
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, external_labels, load_sets, row, save_sets
-
-PHOTOS = ("china.jpg", "flower.jpg")
+from oodtable import HEADER, PHOTOS, external_films, external_labels, grey_photos, load_sets, row, save_sets
 
 
 def model_sets(model, imgs: np.ndarray, inet, bs: int = 64) -> dict[str, np.ndarray]:
@@ -88,17 +84,8 @@ def main() -> None:
             sets[s] = model_sets(model, imgs, inet)
             print(f"  {s}: {len(imgs)} films, {time.perf_counter() - t0:.0f} s")
         for g in groups:
-            rows = ext[ext["group"] == g]
-            sets[g] = model_sets(model, np.stack([load_film(paths.root / "external" / f, model.size)[0]
-                                                  for f in rows["file"]]), inet)
-        from PIL import Image
-        from sklearn.datasets import load_sample_image
-
-        def png(name: str) -> bytes:
-            buf = io.BytesIO()
-            Image.fromarray(load_sample_image(name)).convert("L").save(buf, "PNG")
-            return buf.getvalue()
-        sets["photos"] = model_sets(model, np.stack([load_film(png(n), model.size)[0] for n in PHOTOS]), inet)
+            sets[g] = model_sets(model, external_films(paths.root, ext, g, model.size), inet)
+        sets["photos"] = model_sets(model, grey_photos(model.size), inet)
         save_sets(cache, sets)
         print(f"features: {time.perf_counter() - t0:.0f} s")
         # what a bf16 bank would cost at train time (the pipeline's bank_bf16): the train films once

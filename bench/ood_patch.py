@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import time
 from pathlib import Path
 
@@ -28,12 +27,10 @@ import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import _pca, load_model
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, external_labels, load_sets, row
+from oodtable import HEADER, PHOTOS, external_films, external_labels, grey_photos, load_sets, row
 
-PHOTOS = ("china.jpg", "flower.jpg")
 LAYERS = (13, 16, 18)   # mobilenet_v2 body: 96 ch at 1/16, 160 ch at 1/32, the last 1280 ch at 1/32
 
 
@@ -110,17 +107,8 @@ def main() -> None:
         maps[s] = patch_maps(model, decoded(df[df["split"] == s].reset_index(drop=True), model.size,
                                             paths.root, paths.cache))
     for g in groups:
-        rows = ext[ext["group"] == g]
-        maps[g] = patch_maps(model, np.stack([load_film(paths.root / "external" / f, model.size)[0]
-                                              for f in rows["file"]]))
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
-
-    def png(name: str) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(load_sample_image(name)).convert("L").save(buf, "PNG")
-        return buf.getvalue()
-    maps["photos"] = patch_maps(model, np.stack([load_film(png(n), model.size)[0] for n in PHOTOS]))
+        maps[g] = patch_maps(model, external_films(paths.root, ext, g, model.size))
+    maps["photos"] = patch_maps(model, grey_photos(model.size))
     print(f"feature maps: {time.perf_counter() - t0:.0f} s")
 
     q, lq = float(vcfg["novelty_quantile"]), float(vcfg["low_confidence_quantile"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,9 @@ import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import external_labels, load_sets, save_sets
-
-PHOTOS = ("china.jpg", "flower.jpg")
+from oodtable import PHOTOS, external_films, external_labels, grey_photos, load_sets, save_sets
 
 
 def forward_all(model, imgs: np.ndarray, react: float | None, bs: int = 64) -> dict[str, np.ndarray]:
@@ -105,17 +101,8 @@ def main() -> None:
             react = float(np.percentile(torch.cat(tr).numpy(), args.react_pct))
         sets = {s: forward_all(model, imgs[s], react) for s in imgs}
         for g in groups:
-            rows = ext[ext["group"] == g]
-            sets[g] = forward_all(model, np.stack([load_film(paths.root / "external" / f, model.size)[0]
-                                                   for f in rows["file"]]), react)
-        from PIL import Image
-        from sklearn.datasets import load_sample_image
-
-        def png(name: str) -> bytes:
-            buf = io.BytesIO()
-            Image.fromarray(load_sample_image(name)).convert("L").save(buf, "PNG")
-            return buf.getvalue()
-        sets["photos"] = forward_all(model, np.stack([load_film(png(n), model.size)[0] for n in PHOTOS]), react)
+            sets[g] = forward_all(model, external_films(paths.root, ext, g, model.size), react)
+        sets["photos"] = forward_all(model, grey_photos(model.size), react)
         save_sets(cache, sets)
         print(f"ReAct clip level (train {args.react_pct:g}th percentile): {react:.4f}")
     probs = {k: torch.softmax(torch.as_tensor(v["logits"]) / T, 1).numpy() for k, v in sets.items()}

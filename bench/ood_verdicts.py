@@ -20,9 +20,9 @@ import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import Novelty, load_model
 from covid_cxr.model.verdict import Policy, decide, fit_min_confidence
+from oodtable import PHOTOS, external_films, grey_photos
 
 POLICIES = [  # (novelty parts, novelty quantile, low-confidence quantile, per-part scale quantiles)
     (("knn", "style", "energy"), 0.985, 0.005, {}),
@@ -31,7 +31,6 @@ POLICIES = [  # (novelty parts, novelty quantile, low-confidence quantile, per-p
     (("knn", "style", "energy"), 0.985, 0.005, {"style": 0.999}),
     (("knn", "style", "energy"), 0.985, 0.005, {"style": 1.0}),
 ]
-PHOTOS = ("china.jpg", "flower.jpg")  # scikit-learn's sample photographs, in greyscale: must refer
 
 
 def forward_all(model, imgs: np.ndarray, bs: int = 64):
@@ -63,22 +62,10 @@ def main() -> None:
     ext = pd.read_csv(paths.root / "external" / "labels.csv")
     for g in sorted(ext["group"].unique()):
         rows = ext[ext["group"] == g]
-        sets[g] = forward_all(model, np.stack([load_film(paths.root / "external" / f, model.size)[0]
-                                               for f in rows["file"]]))
+        sets[g] = forward_all(model, external_films(paths.root, ext, g, model.size))
         ys[g] = np.array([CLASSES.index(x) if x in CLASSES else -1 for x in rows["label"]])
-    import io
-
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
-
-    def png(name: str) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(load_sample_image(name)).convert("L").save(buf, "PNG")
-        return buf.getvalue()
-
     # through the shared preprocessing (load_film), as the service decodes an upload
-    grey = np.stack([load_film(png(n), model.size)[0] for n in PHOTOS])
-    sets["photos"], ys["photos"] = forward_all(model, grey), np.full(len(PHOTOS), -1)
+    sets["photos"], ys["photos"] = forward_all(model, grey_photos(model.size)), np.full(len(PHOTOS), -1)
     T = model.temperature
     probs = {k: torch.softmax(v["logits"] / T, 1).numpy() for k, v in sets.items()}
     print(f"model {args.model_dir}  size {model.size}  T {T:.3f}")

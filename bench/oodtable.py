@@ -13,6 +13,8 @@ import numpy as np
 from covid_cxr.config import CLASSES
 from covid_cxr.evaluation.metrics import COVID, ece
 
+PHOTOS = ("china.jpg", "flower.jpg")  # scikit-learn's sample photographs, in greyscale: must refer
+
 HEADER = ("| rule | valid flagged | test acc | COVID recall | test ECE | test flagged | unseen right | unseen flagged "
           "| unseen conf-wrong | unseen right or flagged | TB flagged | TB conf-wrong | other right |\n"
           + "|---" * 13 + "|")
@@ -22,6 +24,30 @@ def external_labels(ext, groups) -> dict[str, np.ndarray]:
     """Class index per external film of each group; -1 where the truth is none of the classes (TB)."""
     return {g: np.array([CLASSES.index(x) if x in CLASSES else -1 for x in ext[ext["group"] == g]["label"]])
             for g in groups}
+
+
+def grey_photos(size: int) -> np.ndarray:
+    """(2, size, size) uint8: PHOTOS made grey and decoded as an upload is (scoring.load_film)."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from covid_cxr.evaluation.scoring import load_film
+
+    films = []
+    for name in PHOTOS:
+        buf = io.BytesIO()
+        Image.fromarray(load_sample_image(name)).convert("L").save(buf, "PNG")
+        films.append(load_film(buf.getvalue(), size)[0])
+    return np.stack(films)
+
+
+def external_films(root: Path, ext, group: str, size: int) -> np.ndarray:
+    """(n, size, size) uint8: one external group's films, in labels.csv order, decoded as uploads are."""
+    from covid_cxr.evaluation.scoring import load_film
+
+    return np.stack([load_film(Path(root) / "external" / f, size)[0] for f in ext[ext["group"] == group]["file"]])
 
 
 def load_sets(cache: Path) -> dict[str, dict[str, np.ndarray]] | None:

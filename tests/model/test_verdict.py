@@ -138,12 +138,19 @@ def test_gate_fails_when_external_figures_are_missing():
     assert not r["passed"] and all("missing" in x for x in r["reasons"]) and len(r["reasons"]) == 3
 
 
+def _two_parts(rng, per_class: int, d_content: int, d_style: int):
+    """Train and valid films of three classes: content shifted by class, style the same for all.
+    -> (train content, train style, train labels, valid content, valid style)."""
+    y = np.repeat([0, 1, 2], per_class)
+    content, style = rng.normal(0, 1, (len(y), d_content)) + y[:, None], rng.normal(0, 1, (len(y), d_style))
+    vc = torch.tensor(rng.normal(0, 1, (len(y), d_content)) + y[:, None], dtype=torch.float32)
+    vs = torch.tensor(rng.normal(0, 1, (len(y), d_style)), dtype=torch.float32)
+    return content, style, y, vc, vs
+
+
 def test_a_part_scaled_at_a_higher_quantile_takes_a_smaller_share_but_still_refers_its_extremes():
     rng = np.random.default_rng(3)
-    n, y = 600, np.repeat([0, 1, 2], 200)
-    content, style = rng.normal(0, 1, (n, 40)) + y[:, None], rng.normal(0, 1, (n, 12))
-    vc = torch.tensor(rng.normal(0, 1, (600, 40)) + np.repeat([0, 1, 2], 200)[:, None], dtype=torch.float32)
-    vs = torch.tensor(rng.normal(0, 1, (600, 12)), dtype=torch.float32)
+    content, style, y, vc, vs = _two_parts(rng, 200, 40, 12)
 
     def fit(pq):
         return Novelty.fit({"content": content, "style": style}, y, {"content": vc, "style": vs}, 0.95,
@@ -168,10 +175,7 @@ def test_a_part_scaled_at_a_higher_quantile_takes_a_smaller_share_but_still_refe
 
 def test_summed_parts_add_up_evidence_that_the_largest_part_alone_misses():
     rng = np.random.default_rng(4)
-    n, y = 900, np.repeat([0, 1, 2], 300)
-    content, style = rng.normal(0, 1, (n, 20)) + y[:, None], rng.normal(0, 1, (n, 10))
-    vc = torch.tensor(rng.normal(0, 1, (900, 20)) + np.repeat([0, 1, 2], 300)[:, None], dtype=torch.float32)
-    vs = torch.tensor(rng.normal(0, 1, (900, 10)), dtype=torch.float32)
+    content, style, y, vc, vs = _two_parts(rng, 300, 20, 10)
 
     def fit(combine):
         return Novelty.fit({"content": content, "style": style}, y, {"content": vc, "style": vs}, 0.98,
