@@ -10,17 +10,15 @@ the low-confidence refer is the model's own. `external/` is only scored.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from covid_cxr.config import CLASSES, Paths, load_params
+from covid_cxr.config import Paths, load_params
 from covid_cxr.data.cache import decoded
 from covid_cxr.model.checkpoint import load_model
-from oodtable import HEADER, PHOTOS, external_films, external_labels, grey_photos, load_sets, row, save_sets
+from oodtable import HEADER, PHOTOS, external_films, grey_photos, load_sets, model_key, row, save_sets, truths
 
 
 def parts_and_probs(model, imgs: np.ndarray, bs: int = 64) -> dict[str, np.ndarray]:
@@ -44,18 +42,11 @@ def main() -> None:
     paths = Paths()
     params = load_params(paths.root / "params.yaml")
     q, confident = float(params["verdict"]["novelty_quantile"]), float(params["external"]["confident"])
-    df = pd.read_csv(paths.manifest)
-    y_all = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    ext = pd.read_csv(paths.root / "external" / "labels.csv")
-    groups = sorted(ext["group"].unique())
-    ys = {s: y_all[df["split"].to_numpy() == s] for s in ("valid", "test")}
-    ys.update(external_labels(ext, groups))
-    ys["photos"] = np.full(len(PHOTOS), -1)
+    df, ext, groups, ys = truths(paths.root, paths.manifest, ("valid", "test"))
     print(HEADER.replace("| rule |", "| model, rule |"))
     for md in args.model_dirs:
         model = load_model(md)
-        key = hashlib.sha1((md / "model.safetensors").read_bytes()).hexdigest()[:12]
-        cache = paths.root / ".cache" / "combine" / f"{key}.npz"
+        cache = paths.root / ".cache" / "combine" / f"{model_key(md)}.npz"
         sets = load_sets(cache)
         if sets is None:
             sets = {s: parts_and_probs(model, decoded(df[df["split"] == s].reset_index(drop=True), model.size,

@@ -15,12 +15,10 @@ thresholds); external films are only scored, and every variant is printed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params
@@ -29,7 +27,8 @@ from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
 from covid_cxr.model.nets import build
 from covid_cxr.model.train import embeddings
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, PHOTOS, external_films, external_labels, grey_photos, load_sets, row, save_sets
+from oodtable import (HEADER, PHOTOS, external_films, grey_photos, load_sets, model_key, row, save_sets,
+                      truths)
 
 
 def model_sets(model, imgs: np.ndarray, inet, bs: int = 64) -> dict[str, np.ndarray]:
@@ -66,15 +65,8 @@ def main() -> None:
     model = load_model(args.model_dir)
     inet = build(model.meta["arch"], n_classes=len(CLASSES), pretrained=True).eval()
     inet = inet.to(memory_format=torch.channels_last)
-    df = pd.read_csv(paths.manifest)
-    y_all = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    key = hashlib.sha1((args.model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
-    cache = paths.root / ".cache" / "inet" / f"{key}.npz"
-    ext = pd.read_csv(paths.root / "external" / "labels.csv")
-    groups = sorted(ext["group"].unique())
-    ys = {s: y_all[df["split"].to_numpy() == s] for s in ("train", "valid", "test")}
-    ys.update(external_labels(ext, groups))
-    ys["photos"] = np.full(len(PHOTOS), -1)
+    df, ext, groups, ys = truths(paths.root, paths.manifest)
+    cache = paths.root / ".cache" / "inet" / f"{model_key(args.model_dir)}.npz"
     sets = load_sets(cache)
     if sets is None:
         t0 = time.perf_counter()
@@ -123,8 +115,8 @@ def main() -> None:
         p = sets[s]["probs"]
         return p, nov | (p.max(1) < min_conf)
 
-    print(f"model {args.model_dir}  q {q} / {lq}  min confidence {min_conf:.3f}  shipped threshold "
-          f"{model.ood.threshold:.3f}")
+    print(f"model {args.model_dir}  q {q} / {lq}  min confidence {min_conf:.3f}  the model's own novelty "
+          f"threshold {model.ood.threshold:.3f} ({model.ood.combine}; the rows below combine by max)")
     print(HEADER.replace("| rule |", "| parts |"))
     for parts in variants:
         print(row(" + ".join(parts), rule, sets, ys, confident))
@@ -135,7 +127,7 @@ def main() -> None:
     # the heads' weight in the answer: the pipeline takes the plain mean (0.5); here w * trained head
     # + (1 - w) * clean head, each w scored by valid NLL (the pipeline's three novelty parts as shipped)
     print("\n| trained head weight w | valid NLL | " + HEADER.split("| rule | ", 1)[1].split("\n")[0])
-    print("|---" * 15 + "|")
+    print("|---" * 14 + "|")
     base = ("knn", "style", "energy")
     yv = ys["valid"]
     for w in (0.3, 0.4, 0.5, 0.6, 0.7):

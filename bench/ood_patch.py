@@ -17,19 +17,17 @@ Needs bench/ood_inet.py's cache for the same model (the shipped parts and probab
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from covid_cxr.config import CLASSES, Paths, load_params
+from covid_cxr.config import Paths, load_params
 from covid_cxr.data.cache import decoded
 from covid_cxr.model.checkpoint import _pca, load_model
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, PHOTOS, external_films, external_labels, grey_photos, load_sets, row
+from oodtable import HEADER, external_films, grey_photos, load_sets, model_key, row, truths
 
 LAYERS = (13, 16, 18)   # mobilenet_v2 body: 96 ch at 1/16, 160 ch at 1/32, the last 1280 ch at 1/32
 
@@ -89,17 +87,10 @@ def main() -> None:
     params = load_params(paths.root / "params.yaml")
     vcfg, confident = params["verdict"], float(params["external"]["confident"])
     model = load_model(args.model_dir)
-    df = pd.read_csv(paths.manifest)
-    y_all = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    key = hashlib.sha1((args.model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
-    sets = load_sets(paths.root / ".cache" / "inet" / f"{key}.npz")
+    sets = load_sets(paths.root / ".cache" / "inet" / f"{model_key(args.model_dir)}.npz")
     if sets is None:
         raise SystemExit("run bench/ood_inet.py on this model first (its cache holds the shipped parts)")
-    ext = pd.read_csv(paths.root / "external" / "labels.csv")
-    groups = sorted(ext["group"].unique())
-    ys = {s: y_all[df["split"].to_numpy() == s] for s in ("train", "valid", "test")}
-    ys.update(external_labels(ext, groups))
-    ys["photos"] = np.full(len(PHOTOS), -1)
+    df, ext, groups, ys = truths(paths.root, paths.manifest)
 
     t0 = time.perf_counter()
     maps = {}

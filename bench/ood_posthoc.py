@@ -13,18 +13,16 @@ variant given is printed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from covid_cxr.config import CLASSES, Paths, load_params
+from covid_cxr.config import Paths, load_params
 from covid_cxr.data.cache import decoded
 from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import PHOTOS, external_films, external_labels, grey_photos, load_sets, save_sets
+from oodtable import PHOTOS, external_films, grey_photos, load_sets, model_key, save_sets, truths
 
 
 def forward_all(model, imgs: np.ndarray, react: float | None, bs: int = 64) -> dict[str, np.ndarray]:
@@ -81,15 +79,8 @@ def main() -> None:
     vcfg, confident = params["verdict"], float(params["external"]["confident"])
     model = load_model(args.model_dir)
     T = model.temperature
-    df = pd.read_csv(paths.manifest)
-    y_all = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    key = hashlib.sha1((args.model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
-    cache = paths.root / ".cache" / "posthoc" / f"{key}-react{args.react_pct:g}.npz"
-    ext = pd.read_csv(paths.root / "external" / "labels.csv")
-    groups = sorted(ext["group"].unique())
-    ys = {s: y_all[df["split"].to_numpy() == s] for s in ("train", "valid", "test")}
-    ys.update(external_labels(ext, groups))
-    ys["photos"] = np.full(len(PHOTOS), -1)
+    df, ext, groups, ys = truths(paths.root, paths.manifest)
+    cache = paths.root / ".cache" / "posthoc" / f"{model_key(args.model_dir)}-react{args.react_pct:g}.npz"
     sets = load_sets(cache)
     if sets is None:
         imgs = {s: decoded(df[df["split"] == s].reset_index(drop=True), model.size, paths.root, paths.cache)

@@ -26,6 +26,28 @@ def external_labels(ext, groups) -> dict[str, np.ndarray]:
             for g in groups}
 
 
+def model_key(model_dir: Path) -> str:
+    """A cache key for one trained model: the first 12 hex digits of its weights' SHA-1."""
+    import hashlib
+
+    return hashlib.sha1((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def truths(root: Path, manifest: Path, splits=("train", "valid", "test")):
+    """-> (manifest frame, external labels frame, external groups, {set: class index per film}) for the
+    splits, every external group (-1 = none of the classes) and PHOTOS (-1)."""
+    import pandas as pd
+
+    df = pd.read_csv(manifest)
+    y_all = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    ext = pd.read_csv(Path(root) / "external" / "labels.csv")
+    groups = sorted(ext["group"].unique())
+    ys = {s: y_all[df["split"].to_numpy() == s] for s in splits}
+    ys.update(external_labels(ext, groups))
+    ys["photos"] = np.full(len(PHOTOS), -1)
+    return df, ext, groups, ys
+
+
 def grey_photos(size: int) -> np.ndarray:
     """(2, size, size) uint8: PHOTOS made grey and decoded as an upload is (scoring.load_film)."""
     import io
