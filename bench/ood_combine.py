@@ -18,6 +18,7 @@ import torch
 from covid_cxr.config import Paths, load_params
 from covid_cxr.data.cache import decoded
 from covid_cxr.model.checkpoint import load_model
+from covid_cxr.model.cleanhead import mix
 from oodtable import HEADER, PHOTOS, external_films, grey_photos, load_sets, model_key, row, save_sets, truths
 
 
@@ -27,8 +28,8 @@ def parts_and_probs(model, imgs: np.ndarray, bs: int = 64) -> dict[str, np.ndarr
         for i in range(0, len(imgs), bs):
             logits, feats, style = model.forward(np.asarray(imgs[i:i + bs]))
             probs = model.calibration.probs(logits)
-            if model.clean is not None:
-                probs = (probs + model.clean.probs(feats)) / 2
+            if model.clean is not None:   # as LoadedModel.predict answers
+                probs = mix(probs, model.clean.probs(feats))
             out["probs"].append(torch.as_tensor(probs))
             for k, v in model.ood.part_scores(feats, style, logits).items():
                 out.setdefault(f"part_{k}", []).append(v)

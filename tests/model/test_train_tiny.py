@@ -41,6 +41,8 @@ def test_artifacts_are_weights_only_and_complete(trained_tiny):
 
     parts = yaml.safe_load((root / "params.yaml").read_text())["verdict"]["novelty_parts"]
     assert set(mj["ood"]["scales"]) == set(parts) and all(v > 0 for v in mj["ood"]["scales"].values())
+    # ... combined as params.yaml says (verdict.combine)
+    assert mj["ood"]["combine"] == yaml.safe_load((root / "params.yaml").read_text())["verdict"]["combine"]
     assert mj["verdict"]["novelty_threshold"] == mj["ood"]["threshold"]
     assert 0 < mj["verdict"]["min_confidence"] < 1
 
@@ -79,8 +81,11 @@ def test_evaluate_writes_metrics_plots_report_and_card(trained_tiny):
     # the card names the novelty parts this model was fitted with, in words
     from covid_cxr.evaluation.modelcard import PART_WORDS
 
-    for part in json.loads((p.model_dir / "model.json").read_text())["ood"]["scales"]:
+    ood = json.loads((p.model_dir / "model.json").read_text())["ood"]
+    for part in ood["scales"]:
         assert PART_WORDS[part] in card
+    rule = {"sum": "sum", "max": "largest"}[ood["combine"]]
+    assert f"The novelty score is the {rule} of its standardised parts" in card
     assert 0 <= m["flagged"] <= 1 and "shortcut_probes" in m
     report = (p.eval_dir / "report.md").read_text()
     assert "Shortcut probes" in report and "Outside the training sources" in report
