@@ -29,7 +29,7 @@ def parts_and_probs(model, imgs: np.ndarray, bs: int = 64) -> dict[str, np.ndarr
             logits, feats, style = model.forward(np.asarray(imgs[i:i + bs]))
             probs = model.calibration.probs(logits)
             if model.clean is not None:   # as LoadedModel.predict answers
-                probs = mix(probs, model.clean.probs(feats))
+                probs = mix(probs, model.clean.probs(feats, style))
             out["probs"].append(torch.as_tensor(probs))
             for k, v in model.ood.part_scores(feats, style, logits).items():
                 out.setdefault(f"part_{k}", []).append(v)

@@ -43,7 +43,7 @@ def model_sets(model, imgs: np.ndarray, inet, bs: int = 64) -> dict[str, np.ndar
             out["probs"].append(torch.as_tensor(p.probs))
             logits, feats, style = model.forward(batch)
             out["head_probs"].append(torch.as_tensor(model.calibration.probs(logits)))
-            out["clean_probs"].append(torch.as_tensor(model.clean.probs(feats)))
+            out["clean_probs"].append(torch.as_tensor(model.clean.probs(feats, style)))
             for k, v in model.ood.part_scores(feats, style, logits).items():
                 parts.setdefault(k, []).append(v)
             f, s = inet.embed(model.to_input(batch))

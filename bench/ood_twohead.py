@@ -79,15 +79,15 @@ def main() -> None:
             sets[g] = run(model, np.stack([a for a, _ in loaded]), [r for _, r in loaded])
         save_sets(cache, sets)
 
-    cols = args.features.split("+")
-    feats = {s: np.concatenate([d[c] for c in cols], 1) for s, d in sets.items()}
+    inputs = ["content" if c == "feats" else c for c in args.features.split("+")]
+    feats = {s: {"content": d["feats"], "style": d["style"]} for s, d in sets.items()}
     # the head `train` ships (model/cleanhead.py): L2 and T by valid NLL, standardisation folded in
     head, fits = fit_clean_head(feats["train"], ys["train"], feats["valid"], ys["valid"],
-                                grid, len(CLASSES))
+                                grid, len(CLASSES), inputs=inputs)
     for r in fits:
         print(f"  l2 {r['l2']:g}: valid NLL {r['valid_nll']:.4f} acc {r['valid_accuracy']:.4f} T {r['temperature']:.3f}")
     l2, T = head.l2, head.temperature
-    clean = {s: head.probs(torch.as_tensor(x)) for s, x in feats.items()}
+    clean = {s: head.probs(torch.as_tensor(x["content"]), torch.as_tensor(x["style"])) for s, x in feats.items()}
 
     # the mean, recalibrated: log of the mean as logits, one temperature on valid
     mix = {s: np.log(np.clip((sets[s]["probs"] + clean[s]) / 2, 1e-12, 1)) for s in sets}

@@ -67,4 +67,10 @@ def train_config(params: dict[str, Any]) -> dict[str, Any]:
     cfg["ema"] = t["ema"]
     cfg["calibration"] = t["calibration"]
     cfg["clean_head"] = t["clean_head"]
+    if cfg["clean_head"] and "style" in cfg["clean_head"]["inputs"] and cfg.get("bank_bf16"):
+        # measured (docs/trust.md): a style head fitted on bf16 statistics of the train films, scored on
+        # serving's float32 ones, lost its gain (valid NLL 0.0423 against 0.0356)
+        raise ValueError(f"train.profiles.{prof}.bank_bf16 is true, but train.clean_head.inputs reads style: "
+                         "its early-layer statistics under bf16 are not the float32 ones the service computes; "
+                         "set bank_bf16: false")
     return cfg

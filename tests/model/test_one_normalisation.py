@@ -50,3 +50,20 @@ def test_normalize_is_the_documented_affine_map():
     for c in range(3):
         assert np.allclose(out[0, c], (g[0] / 255.0 - norm.mean[c]) / norm.std[c], atol=1e-6)
     assert not np.allclose(out[0, 0], out[0, 2])  # per-channel statistics, not one shared pair
+
+
+def test_a_style_reading_clean_head_refuses_a_bf16_bank():
+    import copy
+
+    import pytest
+
+    params = copy.deepcopy(load_params(project_root() / "params.yaml"))
+    t = params["train"]
+    t["clean_head"] = {"l2": [0.01], "inputs": ["content", "style"]}
+    t["profiles"][t["profile"]]["bank_bf16"] = True
+    with pytest.raises(ValueError, match="bank_bf16"):
+        train_config(params)
+    t["clean_head"]["inputs"] = ["content"]          # pooled features only: bf16 bank allowed
+    assert train_config(params)["bank_bf16"] is True
+    t["clean_head"] = None
+    assert train_config(params)["clean_head"] is None

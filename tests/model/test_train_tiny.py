@@ -44,6 +44,13 @@ def test_artifacts_are_weights_only_and_complete(trained_tiny):
     # ... combined as params.yaml says (verdict.combine)
     assert mj["ood"]["combine"] == yaml.safe_load((root / "params.yaml").read_text())["verdict"]["combine"]
     assert mj["verdict"]["novelty_threshold"] == mj["ood"]["threshold"]
+    # the clean head reads what params.yaml names (train.clean_head.inputs), and its weights match that width
+    inputs = yaml.safe_load((root / "params.yaml").read_text())["train"]["clean_head"]["inputs"]
+    assert mj["clean_head"]["inputs"] == [i for i in ("content", "style") if i in inputs]
+    m = load_model(d)
+    _, feats, style = m.forward(np.zeros((1, 64, 64), np.uint8))
+    width = {"content": feats.shape[1], "style": style.shape[1]}
+    assert m.clean.weight.shape[1] == sum(width[i] for i in inputs)
     assert 0 < mj["verdict"]["min_confidence"] < 1
 
 
@@ -86,6 +93,8 @@ def test_evaluate_writes_metrics_plots_report_and_card(trained_tiny):
         assert PART_WORDS[part] in card
     rule = {"sum": "sum", "max": "largest"}[ood["combine"]]
     assert f"The novelty score is the {rule} of its standardised parts" in card
+    if "style" in json.loads((p.model_dir / "model.json").read_text())["clean_head"]["inputs"]:
+        assert "logistic regression fitted on the pooled features and early-layer style statistics" in card
     assert 0 <= m["flagged"] <= 1 and "shortcut_probes" in m
     report = (p.eval_dir / "report.md").read_text()
     assert "Shortcut probes" in report and "Outside the training sources" in report

@@ -82,7 +82,10 @@ def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12,
     if clean_head:
         from covid_cxr.model.cleanhead import fit_clean_head
 
-        clean, _ = fit_clean_head(feats.numpy(), labels, feats.numpy(), labels, [0.01], len(CLASSES))
+        with torch.no_grad():
+            _, style = net.embed(lm.to_input(grays))
+        both = {"content": feats.numpy(), "style": style.numpy()}   # as the pipeline's clean head reads
+        clean, _ = fit_clean_head(both, labels, both, labels, [0.01], len(CLASSES), inputs=["content", "style"])
     model_io.save_model(net, meta, out_dir, ood=ood, clean=clean)
     return out_dir
 

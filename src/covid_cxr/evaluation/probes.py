@@ -61,7 +61,7 @@ def shortcut_probes(model, images: np.ndarray, y: np.ndarray, box: Sequence[floa
     for i in range(0, len(cam_idx), bs):
         x = model.to_input(np.asarray(images[cam_idx[i:i + bs]]))
         with torch.inference_mode(False):
-            cams, _, _ = gradcam(model.net, x, None, head=model.cam_head())
+            cams, _, _ = gradcam(model.net, x, None, head=model.cam_head(x))
         tot = cams.reshape(len(cams), -1).sum(1)
         inside = cams[:, mask].sum(1)
         mass.append(np.where(tot > 0, inside / np.maximum(tot, 1e-12), np.nan))

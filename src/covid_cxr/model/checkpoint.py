@@ -300,7 +300,7 @@ class LoadedModel:
         logits, feats, style = self.forward(grays)
         probs = self.calibration.probs(logits)
         if self.clean is not None:
-            probs = mix(probs, self.clean.probs(feats))
+            probs = mix(probs, self.clean.probs(feats, style))
         novelty, novel = None, np.zeros(len(probs), bool)
         if self.ood is not None:
             novelty = self.ood.score(feats, style, logits).numpy()
@@ -308,16 +308,24 @@ class LoadedModel:
         verdicts, reasons = decide(probs, novel, self.policy, not_xray)
         return Predictions(logits.numpy(), probs, novelty, novel, verdicts, reasons)
 
-    def cam_head(self):
+    def cam_head(self, x: torch.Tensor | None = None):
         """What Grad-CAM differentiates: pooled features -> per-class scores of the answer given.
 
-        One head: its raw logits. Two heads: the log of their mean calibrated probability."""
+        One head: its raw logits. Two heads: the log of their mean calibrated probability. A clean
+        head that reads the style statistics needs `x`, the normalised batch: its style term is a
+        constant of the last feature map (the style taps lie upstream of it)."""
         if self.clean is None:
             return self.net.head
         cal, clean, head = self.calibration, self.clean, self.net.head
+        style = None
+        if "style" in clean.inputs:
+            if x is None:
+                raise ValueError("this model's clean head reads style statistics: cam_head needs the input batch")
+            with torch.no_grad():
+                style = self.net.embed(x)[1].float()
 
         def score(pooled: torch.Tensor) -> torch.Tensor:
-            p = (torch.softmax(cal.logits(head(pooled)), dim=1) + clean.probs_t(pooled)) / 2
+            p = (torch.softmax(cal.logits(head(pooled)), dim=1) + clean.probs_t(pooled, style)) / 2
             return p.clamp_min(1e-12).log()
         return score
 

@@ -3,8 +3,12 @@
 The trained head learns from films re-processed as other sites would (augment.Acquisition), so it
 does not lean on how a film was acquired, and it gives up part of the test split, whose sources
 are the training sources. The body's pooled features still carry that information. This head is a
-multinomial logistic regression on the pooled features of the *unaugmented* training films (the
-features `train` computes anyway for the novelty bank): it reads the training sources as they are.
+multinomial logistic regression on the *unaugmented* training films' features (those `train` computes anyway for the
+novelty bank): it reads the training sources as they are. Which features it reads is
+`train.clean_head.inputs`:
+- `content`: the pooled features the trained head reads;
+- `style`: the body's early-layer activation statistics (nets.STYLE_TAPS), which carry how a film
+  was acquired and processed, the information the trained head is taught to ignore.
 
 The model's answer is the mean of the two heads' calibrated probabilities (`mix`):
 - on films like the training films both heads agree, and the clean head adds what the augmented
@@ -14,6 +18,8 @@ The model's answer is the mean of the two heads' calibrated probabilities (`mix`
   referred, instead of being answered by the head that reads the shortcut.
 Its L2 strength (params.yaml `train.clean_head.l2`, a grid) and its temperature are chosen on
 valid NLL; nothing else is fitted. The novelty score stays the body's and the trained head's.
+For Grad-CAM (which differentiates the last feature map) the style term is a constant: the style
+taps lie upstream of that map.
 """
 from __future__ import annotations
 
@@ -24,36 +30,56 @@ import numpy as np
 import torch
 
 FILE = "clean_head.safetensors"
+INPUTS = ("content", "style")   # what a clean head can read, in the order its weights are laid out
+
+
+def check_inputs(inputs: Sequence[str]) -> tuple[str, ...]:
+    inputs = tuple(inputs)
+    if not inputs or any(i not in INPUTS for i in inputs) or len(set(inputs)) != len(inputs):
+        raise ValueError(f"train.clean_head.inputs must be a non-empty subset of {list(INPUTS)}, not {list(inputs)}")
+    return tuple(i for i in INPUTS if i in inputs)
+
+
+def stack(feats: dict[str, Any], inputs: Sequence[str], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The clean head's input: the named features (arrays or tensors) side by side, differentiable."""
+    missing = [i for i in inputs if feats.get(i) is None]
+    if missing:
+        raise ValueError(f"this clean head reads {list(inputs)}; {missing} not given")
+    return torch.cat([torch.as_tensor(feats[i], dtype=dtype) for i in inputs], dim=1)
 
 
 @dataclass
 class CleanHead:
-    weight: torch.Tensor   # (C, D), on raw pooled features (standardisation folded in)
+    weight: torch.Tensor   # (C, D), on the raw features of `inputs` side by side (standardisation folded in)
     bias: torch.Tensor     # (C,)
     temperature: float
     l2: float
+    inputs: tuple[str, ...] = ("content",)
 
-    def logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats.float() @ self.weight.T + self.bias
+    def logits(self, feats: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
+        return stack({"content": feats, "style": style}, self.inputs) @ self.weight.T + self.bias
 
-    def probs_t(self, feats: torch.Tensor) -> torch.Tensor:
+    def probs_t(self, feats: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated probabilities, differentiable in `feats` (Grad-CAM)."""
-        return torch.softmax(self.logits(feats) / float(self.temperature), dim=1)
+        return torch.softmax(self.logits(feats, style) / float(self.temperature), dim=1)
 
-    def probs(self, feats: torch.Tensor) -> np.ndarray:
+    def probs(self, feats: torch.Tensor, style: torch.Tensor | None = None) -> np.ndarray:
         with torch.no_grad():
-            return self.probs_t(feats).numpy()
+            return self.probs_t(feats, style).numpy()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "logistic regression on the clean train films' pooled features",
-                "temperature": float(self.temperature), "l2": float(self.l2)}
+        words = {"content": "pooled features", "style": "early-layer style statistics"}
+        return {"kind": "logistic regression on the clean train films' "
+                        + " and ".join(words[i] for i in self.inputs),
+                "inputs": list(self.inputs), "temperature": float(self.temperature), "l2": float(self.l2)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], desc: dict[str, Any]) -> "CleanHead":
-        return cls(t["weight"].float(), t["bias"].float(), float(desc["temperature"]), float(desc["l2"]))
+        inputs = check_inputs(desc.get("inputs", ["content"]))   # files from before `inputs`: pooled only
+        return cls(t["weight"].float(), t["bias"].float(), float(desc["temperature"]), float(desc["l2"]), inputs)
 
 
 def mix(head_probs: np.ndarray, clean_probs: np.ndarray) -> np.ndarray:
@@ -75,17 +101,18 @@ def _fit_one(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float) -> tup
     return w.detach(), b.detach()
 
 
-def fit_clean_head(f_tr, y_tr, f_va, y_va, l2_grid: Sequence[float], n_classes: int
-                   ) -> tuple[CleanHead, list[dict[str, float]]]:
+def fit_clean_head(f_tr: dict[str, Any], y_tr, f_va: dict[str, Any], y_va, l2_grid: Sequence[float],
+                   n_classes: int, *, inputs: Sequence[str]) -> tuple[CleanHead, list[dict[str, float]]]:
     """Fit on train features for each L2 in the grid, calibrate each on valid, keep the lowest valid NLL.
 
+    `f_tr`, `f_va`: {"content": (N, D), "style": (N, S)}; the head reads `inputs` of them.
     -> (the head, one row per L2: l2, valid_nll, valid_accuracy, temperature)."""
     from covid_cxr.model.calibration import fit_temperature
 
     if not l2_grid:
         raise ValueError("train.clean_head.l2 needs at least one value")
-    xt = torch.as_tensor(np.asarray(f_tr), dtype=torch.float64)
-    xv = torch.as_tensor(np.asarray(f_va), dtype=torch.float64)
+    inputs = check_inputs(inputs)
+    xt, xv = stack(f_tr, inputs, torch.float64), stack(f_va, inputs, torch.float64)
     yt, yv = torch.as_tensor(np.asarray(y_tr)), torch.as_tensor(np.asarray(y_va))
     mu, sd = xt.mean(0), xt.std(0) + 1e-6           # standardise on train, fold into the weights
     zt, zv = (xt - mu) / sd, (xv - mu) / sd
@@ -102,4 +129,4 @@ def fit_clean_head(f_tr, y_tr, f_va, y_va, l2_grid: Sequence[float], n_classes: 
     _, l2, w, b, t = best
     weight = w / sd                                 # logits = ((x - mu) / sd) @ w.T + b
     bias = b - (mu / sd) @ w.T
-    return CleanHead(weight.float(), bias.float(), float(t), l2), rows
+    return CleanHead(weight.float(), bias.float(), float(t), l2, inputs), rows

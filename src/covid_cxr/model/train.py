@@ -285,12 +285,14 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
         if cfg["clean_head"]:
             from covid_cxr.model.cleanhead import fit_clean_head, mix
 
-            clean, clean_rows = fit_clean_head(f_tr.numpy(), labels[tr], f_va.numpy(), labels[va],
-                                               cfg["clean_head"]["l2"], len(CLASSES))
-            typer.echo(f"  clean head: L2 {clean.l2:g}, T {clean.temperature:.3f} (lowest valid NLL of "
+            clean, clean_rows = fit_clean_head({"content": f_tr, "style": s_tr}, labels[tr],
+                                               {"content": f_va, "style": s_va}, labels[va],
+                                               cfg["clean_head"]["l2"], len(CLASSES),
+                                               inputs=cfg["clean_head"]["inputs"])
+            typer.echo(f"  clean head on {'+'.join(clean.inputs)}: L2 {clean.l2:g}, T {clean.temperature:.3f} (lowest valid NLL of "
                        f"{len(clean_rows)}); head alone valid acc "
                        f"{float((p_va.argmax(1) == labels[va]).mean()):.4f}")
-            p_va = mix(p_va, clean.probs(f_va))
+            p_va = mix(p_va, clean.probs(f_va, s_va))
         valid_acc = float((p_va.argmax(1) == labels[va]).mean())   # the label the service gives
         min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
 

@@ -62,7 +62,7 @@ def cam_images(model: LoadedModel, lock: threading.Lock, gray: np.ndarray, small
 
     x = model.to_input(small[None])
     with lock:
-        cams, _, methods = gradcam(model.net, x, target, head=model.cam_head())
+        cams, _, methods = gradcam(model.net, x, target, head=model.cam_head(x))
     h, w = gray.shape
     scale = min(1.0, SHOWN_MAX / max(h, w))
     shown = gray

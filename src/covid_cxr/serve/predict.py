@@ -98,7 +98,7 @@ def write_heatmaps(model, films, labels: list[str], items: list[Item], out_dir: 
     from covid_cxr.model.gradcam import gradcam, overlay, to_png
 
     x = model.to_input(np.stack([f.small for f in films]))
-    cams, _, _ = gradcam(model.net, x, [CLASSES.index(lab) for lab in labels], head=model.cam_head())
+    cams, _, _ = gradcam(model.net, x, [CLASSES.index(lab) for lab in labels], head=model.cam_head(x))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for f, cam, it in zip(films, cams, items):
