@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from covid_cxr.config import Paths, load_params
-from covid_cxr.data.cache import decoded
 from covid_cxr.model.checkpoint import Novelty, load_model
 from covid_cxr.model.cleanhead import fit_clean_head, mix
 from covid_cxr.model.train import embeddings
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, external_films, load_sets, model_key, row, save_sets, truths
+from oodtable import HEADER, load_sets, model_key, row, save_sets, score_sets, truths
 
 ROWS = (("f32", ("content",)), ("f32", ("content", "style")), ("f32", ("style",)),
         ("bf16", ("content",)), ("bf16", ("content", "style")))
@@ -48,18 +47,16 @@ def main() -> None:
     confident = float(params["external"]["confident"])
     df, ext, groups, ys = truths(paths.root, paths.manifest)
     scored = ["valid", "test", *groups]
-    print(HEADER.replace("| rule |", "| model, bank, clean head reads (valid NLL) |"))
+    print(HEADER.replace("| rule |", "| model, train films' features, clean head reads (kept L2, valid NLL) |"))
     for md in args.model_dirs:
         model = load_model(md)
         cache = paths.root / ".cache" / "cleaninputs" / f"{model_key(md)}.npz"
         sets = load_sets(cache)
         if sets is None:
-            split = {s: decoded(df[df["split"] == s].reset_index(drop=True), model.size, paths.root, paths.cache)
-                     for s in ("train", "valid", "test")}
-            sets = {s: features(model, imgs) for s, imgs in split.items()}
-            sets["train_bf16"] = features(model, split["train"], bf16=True)
-            for g in groups:
-                sets[g] = features(model, external_films(paths.root, ext, g, model.size))
+            sets = score_sets(lambda films: features(model, films), model.size, paths, df, ext, groups,
+                              ("train", "valid", "test"))
+            sets.update({f"{s}_bf16": d for s, d in score_sets(lambda films: features(model, films, bf16=True),
+                                                               model.size, paths, df, ext, [], ("train",)).items()})
             save_sets(cache, sets)
         t = {s: {k: torch.as_tensor(x) for k, x in d.items()} for s, d in sets.items()}
         head = {s: model.calibration.probs(t[s]["logits"]) for s in scored}

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from covid_cxr.config import Paths, load_params
-from covid_cxr.data.cache import decoded
 from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.cleanhead import mix
-from oodtable import HEADER, PHOTOS, external_films, grey_photos, load_sets, model_key, row, save_sets, truths
+from oodtable import HEADER, PHOTOS, grey_photos, load_sets, model_key, row, save_sets, score_sets, truths
 
 
 def parts_and_probs(model, imgs: np.ndarray, bs: int = 64) -> dict[str, np.ndarray]:
@@ -50,10 +49,7 @@ def main() -> None:
         cache = paths.root / ".cache" / "combine" / f"{model_key(md)}.npz"
         sets = load_sets(cache)
         if sets is None:
-            sets = {s: parts_and_probs(model, decoded(df[df["split"] == s].reset_index(drop=True), model.size,
-                                                      paths.root, paths.cache)) for s in ("valid", "test")}
-            for g in groups:
-                sets[g] = parts_and_probs(model, external_films(paths.root, ext, g, model.size))
+            sets = score_sets(lambda films: parts_and_probs(model, films), model.size, paths, df, ext, groups)
             sets["photos"] = parts_and_probs(model, grey_photos(model.size))   # the style part's job, every rule
             save_sets(cache, sets)
         names = [k[5:] for k in sets["valid"] if k.startswith("part_")]

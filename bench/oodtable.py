@@ -27,10 +27,19 @@ def external_labels(ext, groups) -> dict[str, np.ndarray]:
 
 
 def model_key(model_dir: Path) -> str:
-    """A cache key for one trained model: the first 12 hex digits of its weights' SHA-1."""
+    """A cache key for one trained model: the first 12 hex digits of a SHA-1 over everything a cached
+    score reads: every weights file (body, novelty model, clean head) and the calibration and refer
+    thresholds of model.json. Two models with one body but another clean head get two keys."""
     import hashlib
+    import json
 
-    return hashlib.sha1((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:12]
+    model_dir = Path(model_dir)
+    h = hashlib.sha1()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f.name.encode() + f.read_bytes())
+    meta = json.loads((model_dir / "model.json").read_text())
+    h.update(json.dumps({k: meta.get(k) for k in ("temperature", "class_bias", "verdict")}, sort_keys=True).encode())
+    return h.hexdigest()[:12]
 
 
 def truths(root: Path, manifest: Path, splits=("train", "valid", "test")):
@@ -70,6 +79,19 @@ def external_films(root: Path, ext, group: str, size: int) -> np.ndarray:
     from covid_cxr.evaluation.scoring import load_film
 
     return np.stack([load_film(Path(root) / "external" / f, size)[0] for f in ext[ext["group"] == group]["file"]])
+
+
+def score_sets(score: Callable[[np.ndarray], dict[str, np.ndarray]], size: int, paths, df, ext, groups,
+               splits=("valid", "test")) -> dict[str, dict[str, np.ndarray]]:
+    """`{set: score(films)}` for the manifest's splits (decoded as training does) and every external group
+    (decoded as uploads are), at the model's input `size`."""
+    from covid_cxr.data.cache import decoded
+
+    sets = {s: score(decoded(df[df["split"] == s].reset_index(drop=True), size, paths.root, paths.cache))
+            for s in splits}
+    for g in groups:
+        sets[g] = score(external_films(paths.root, ext, g, size))
+    return sets
 
 
 def load_sets(cache: Path) -> dict[str, dict[str, np.ndarray]] | None:

@@ -65,7 +65,8 @@ def test_a_head_that_reads_style_uses_what_the_pooled_features_lack():
     only, _ = fit_clean_head(tr, y[:600], va, y[600:], [1e-2], len(CLASSES), inputs=["content"])
     both, _ = fit_clean_head(tr, y[:600], va, y[600:], [1e-2], len(CLASSES), inputs=["style", "content"])
     assert both.inputs == ("content", "style")                          # the weights' layout, whatever the order asked
-    acc = lambda h: (h.probs(torch.as_tensor(va["content"]), torch.as_tensor(va["style"])).argmax(1) == y[600:]).mean()  # noqa: E731
+    def acc(h):
+        return (h.probs(torch.as_tensor(va["content"]), torch.as_tensor(va["style"])).argmax(1) == y[600:]).mean()
     assert acc(only) < 0.5 and acc(both) > 0.95
     assert both.weight.shape == (len(CLASSES), 16)
     with pytest.raises(ValueError, match="style"):                     # a style head never scores content alone
