@@ -24,7 +24,7 @@ from covid_cxr.model.checkpoint import Novelty, load_model
 from covid_cxr.model.cleanhead import fit_clean_head, mix
 from covid_cxr.model.train import embeddings
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, load_sets, model_key, row, save_sets, score_sets, truths
+from oodtable import HEADER, cached_sets, row, score_sets, truths
 
 ROWS = (("f32", ("content",)), ("f32", ("content", "style")), ("f32", ("style",)),
         ("bf16", ("content",)), ("bf16", ("content", "style")))
@@ -50,14 +50,14 @@ def main() -> None:
     print(HEADER.replace("| rule |", "| model, train films' features, clean head reads (kept L2, valid NLL) |"))
     for md in args.model_dirs:
         model = load_model(md)
-        cache = paths.root / ".cache" / "cleaninputs" / f"{model_key(md)}.npz"
-        sets = load_sets(cache)
-        if sets is None:
+
+        def compute(model=model):
             sets = score_sets(lambda films: features(model, films), model.size, paths, df, ext, groups,
                               ("train", "valid", "test"))
-            sets.update({f"{s}_bf16": d for s, d in score_sets(lambda films: features(model, films, bf16=True),
-                                                               model.size, paths, df, ext, [], ("train",)).items()})
-            save_sets(cache, sets)
+            bf16 = score_sets(lambda films: features(model, films, bf16=True), model.size, paths, df, ext, [],
+                              ("train",))
+            return {**sets, "train_bf16": bf16["train"]}
+        sets = cached_sets(paths.root, "cleaninputs", md, compute)
         t = {s: {k: torch.as_tensor(x) for k, x in d.items()} for s, d in sets.items()}
         head = {s: model.calibration.probs(t[s]["logits"]) for s in scored}
         name = md.parent.name if md.name == "model" else md.name

@@ -18,7 +18,7 @@ import torch
 from covid_cxr.config import Paths, load_params
 from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.cleanhead import mix
-from oodtable import HEADER, PHOTOS, grey_photos, load_sets, model_key, row, save_sets, score_sets, truths
+from oodtable import HEADER, PHOTOS, cached_sets, grey_photos, row, score_sets, truths
 
 
 def parts_and_probs(model, imgs: np.ndarray, bs: int = 64) -> dict[str, np.ndarray]:
@@ -46,12 +46,12 @@ def main() -> None:
     print(HEADER.replace("| rule |", "| model, rule |"))
     for md in args.model_dirs:
         model = load_model(md)
-        cache = paths.root / ".cache" / "combine" / f"{model_key(md)}.npz"
-        sets = load_sets(cache)
-        if sets is None:
+
+        def compute(model=model):
             sets = score_sets(lambda films: parts_and_probs(model, films), model.size, paths, df, ext, groups)
             sets["photos"] = parts_and_probs(model, grey_photos(model.size))   # the style part's job, every rule
-            save_sets(cache, sets)
+            return sets
+        sets = cached_sets(paths.root, "combine", md, compute)
         names = [k[5:] for k in sets["valid"] if k.startswith("part_")]
         min_conf = float(model.policy.min_confidence)
         rules = {

@@ -94,6 +94,17 @@ def score_sets(score: Callable[[np.ndarray], dict[str, np.ndarray]], size: int, 
     return sets
 
 
+def cached_sets(root: Path, kind: str, model_dir: Path,
+                compute: Callable[[], dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    """One model's scored sets from .cache/<kind>/<model_key>.npz, or `compute()`d and saved there."""
+    cache = Path(root) / ".cache" / kind / f"{model_key(model_dir)}.npz"
+    sets = load_sets(cache)
+    if sets is None:
+        sets = compute()
+        save_sets(cache, sets)
+    return sets
+
+
 def load_sets(cache: Path) -> dict[str, dict[str, np.ndarray]] | None:
     """`{set: {field: array}}` from a cache written by `save_sets`, or None when there is none."""
     if not cache.exists():
