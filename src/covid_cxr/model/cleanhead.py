@@ -3,9 +3,9 @@
 The trained head learns from films re-processed as other sites would (augment.Acquisition), so it
 does not lean on how a film was acquired, and it gives up part of the test split, whose sources
 are the training sources. The body's pooled features still carry that information. This head is a
-multinomial logistic regression on the *unaugmented* training films' features (those `train`
-computes anyway for the novelty bank): it reads the training sources as they are. Which features
-it reads is `train.clean_head.inputs`:
+multinomial logistic regression on the *unaugmented* training films' features (those `train` computes anyway for the
+novelty bank): it reads the training sources as they are. Which features it reads is
+`train.clean_head.inputs`:
 - `content`: the pooled features the trained head reads;
 - `style`: the body's early-layer activation statistics (nets.STYLE_TAPS), which carry how a film
   was acquired and processed, the information the trained head is taught to ignore.
