@@ -24,19 +24,17 @@ def _calibration(meta: dict[str, Any]) -> str:
 
 
 def _heads(meta: dict[str, Any]) -> str:
+    from covid_cxr.model.cleanhead import in_words
+
     c = meta.get("clean_head")
     if not c:
         return "- Heads: one; its calibrated probabilities are the answer."
+    reads = in_words(c.get("inputs", ["content"]))   # model files from before `inputs`: pooled features
     return (f"- Heads: two on the same body, one forward pass. The answer is the mean of their calibrated\n"
-            f"  probabilities: the trained head, and a logistic regression fitted on the {_clean_inputs(c)} of the\n"
+            f"  probabilities: the trained head, and a logistic regression fitted on the {reads} of the\n"
             f"  *unaugmented* training films (L2 {float(c['l2']):g}, temperature {float(c['temperature']):.3f}, both by\n"
             f"  valid NLL; model/cleanhead.py). The second head reads the training sources as they are, shortcuts\n"
             f"  included; where the two heads disagree the mean loses confidence and the film is referred.")
-
-
-def _clean_inputs(c: dict[str, Any]) -> str:
-    words = {"content": "pooled features", "style": "early-layer style statistics (how the film was acquired)"}
-    return " and ".join(words.get(i, i) for i in c.get("inputs", ["content"]))
 
 
 def _parts(meta: dict[str, Any]) -> str:

@@ -3,9 +3,9 @@
 The trained head learns from films re-processed as other sites would (augment.Acquisition), so it
 does not lean on how a film was acquired, and it gives up part of the test split, whose sources
 are the training sources. The body's pooled features still carry that information. This head is a
-multinomial logistic regression on the *unaugmented* training films' features (those `train` computes anyway for the
-novelty bank): it reads the training sources as they are. Which features it reads is
-`train.clean_head.inputs`:
+multinomial logistic regression on the *unaugmented* training films' features (those `train`
+computes anyway for the novelty bank): it reads the training sources as they are. Which features
+it reads is `train.clean_head.inputs`:
 - `content`: the pooled features the trained head reads;
 - `style`: the body's early-layer activation statistics (nets.STYLE_TAPS), which carry how a film
   was acquired and processed, the information the trained head is taught to ignore.
@@ -31,6 +31,12 @@ import torch
 
 FILE = "clean_head.safetensors"
 INPUTS = ("content", "style")   # what a clean head can read, in the order its weights are laid out
+INPUT_WORDS = {"content": "pooled features", "style": "early-layer style statistics"}
+
+
+def in_words(inputs: Sequence[str]) -> str:
+    """What a clean head reads, in words (model.json `kind`, the model card)."""
+    return " and ".join(INPUT_WORDS.get(i, i) for i in inputs)
 
 
 def check_inputs(inputs: Sequence[str]) -> tuple[str, ...]:
@@ -71,9 +77,7 @@ class CleanHead:
         return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
 
     def describe(self) -> dict[str, Any]:
-        words = {"content": "pooled features", "style": "early-layer style statistics"}
-        return {"kind": "logistic regression on the clean train films' "
-                        + " and ".join(words[i] for i in self.inputs),
+        return {"kind": f"logistic regression on the clean train films' {in_words(self.inputs)}",
                 "inputs": list(self.inputs), "temperature": float(self.temperature), "l2": float(self.l2)}
 
     @classmethod

@@ -289,8 +289,8 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
                                                {"content": f_va, "style": s_va}, labels[va],
                                                cfg["clean_head"]["l2"], len(CLASSES),
                                                inputs=cfg["clean_head"]["inputs"])
-            typer.echo(f"  clean head on {'+'.join(clean.inputs)}: L2 {clean.l2:g}, T {clean.temperature:.3f} (lowest valid NLL of "
-                       f"{len(clean_rows)}); head alone valid acc "
+            typer.echo(f"  clean head on {'+'.join(clean.inputs)}: L2 {clean.l2:g}, T {clean.temperature:.3f} "
+                       f"(lowest valid NLL of {len(clean_rows)}); head alone valid acc "
                        f"{float((p_va.argmax(1) == labels[va]).mean()):.4f}")
             p_va = mix(p_va, clean.probs(f_va, s_va))
         valid_acc = float((p_va.argmax(1) == labels[va]).mean())   # the label the service gives
