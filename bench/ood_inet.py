@@ -27,8 +27,7 @@ from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
 from covid_cxr.model.nets import build
 from covid_cxr.model.train import embeddings
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import (HEADER, PHOTOS, external_films, grey_photos, load_sets, model_key, row, save_sets,
-                      truths)
+from oodtable import HEADER, PHOTOS, cached_sets, grey_photos, row, score_sets, truths
 
 
 def model_sets(model, imgs: np.ndarray, inet, bs: int = 64) -> dict[str, np.ndarray]:
@@ -66,25 +65,20 @@ def main() -> None:
     inet = build(model.meta["arch"], n_classes=len(CLASSES), pretrained=True).eval()
     inet = inet.to(memory_format=torch.channels_last)
     df, ext, groups, ys = truths(paths.root, paths.manifest)
-    cache = paths.root / ".cache" / "inet" / f"{model_key(args.model_dir)}.npz"
-    sets = load_sets(cache)
-    if sets is None:
+
+    def compute():
         t0 = time.perf_counter()
-        sets = {}
-        for s in ("train", "valid", "test"):
-            imgs = decoded(df[df["split"] == s].reset_index(drop=True), model.size, paths.root, paths.cache)
-            sets[s] = model_sets(model, imgs, inet)
-            print(f"  {s}: {len(imgs)} films, {time.perf_counter() - t0:.0f} s")
-        for g in groups:
-            sets[g] = model_sets(model, external_films(paths.root, ext, g, model.size), inet)
+        sets = score_sets(lambda films: model_sets(model, films, inet), model.size, paths, df, ext, groups,
+                          ("train", "valid", "test"))
         sets["photos"] = model_sets(model, grey_photos(model.size), inet)
-        save_sets(cache, sets)
         print(f"features: {time.perf_counter() - t0:.0f} s")
         # what a bf16 bank would cost at train time (the pipeline's bank_bf16): the train films once
         t1 = time.perf_counter()
         imgs = decoded(df[df["split"] == "train"].reset_index(drop=True), model.size, paths.root, paths.cache)
         embeddings(inet, imgs, model.norm, bf16=True)
         print(f"ImageNet body over the {len(imgs)} train films in bf16: {time.perf_counter() - t1:.1f} s")
+        return sets
+    sets = cached_sets(paths.root, "inet", args.model_dir, compute)
 
     q, lq, k = float(vcfg["novelty_quantile"]), float(vcfg["low_confidence_quantile"]), int(vcfg["knn_k"])
     nk = args.knn_components or int(vcfg["components"]["knn"])

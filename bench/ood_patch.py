@@ -27,7 +27,7 @@ from covid_cxr.config import Paths, load_params
 from covid_cxr.data.cache import decoded
 from covid_cxr.model.checkpoint import _pca, load_model
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, external_films, grey_photos, load_sets, model_key, row, truths
+from oodtable import HEADER, cache_path, external_films, grey_photos, load_sets, row, truths
 
 LAYERS = (13, 16, 18)   # mobilenet_v2 body: 96 ch at 1/16, 160 ch at 1/32, the last 1280 ch at 1/32
 
@@ -87,7 +87,7 @@ def main() -> None:
     params = load_params(paths.root / "params.yaml")
     vcfg, confident = params["verdict"], float(params["external"]["confident"])
     model = load_model(args.model_dir)
-    sets = load_sets(paths.root / ".cache" / "inet" / f"{model_key(args.model_dir)}.npz")
+    sets = load_sets(cache_path(paths.root, "inet", args.model_dir))
     if sets is None:
         raise SystemExit("run bench/ood_inet.py on this model first (its cache holds the shipped parts)")
     df, ext, groups, ys = truths(paths.root, paths.manifest)

@@ -22,7 +22,7 @@ from covid_cxr.config import Paths, load_params
 from covid_cxr.data.cache import decoded
 from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import PHOTOS, external_films, grey_photos, load_sets, model_key, save_sets, truths
+from oodtable import PHOTOS, cached_sets, grey_photos, score_sets, truths
 
 
 def forward_all(model, imgs: np.ndarray, react: float | None, bs: int = 64) -> dict[str, np.ndarray]:
@@ -80,22 +80,20 @@ def main() -> None:
     model = load_model(args.model_dir)
     T = model.temperature
     df, ext, groups, ys = truths(paths.root, paths.manifest)
-    cache = paths.root / ".cache" / "posthoc" / f"{model_key(args.model_dir)}-react{args.react_pct:g}.npz"
-    sets = load_sets(cache)
-    if sets is None:
-        imgs = {s: decoded(df[df["split"] == s].reset_index(drop=True), model.size, paths.root, paths.cache)
-                for s in ("train", "valid", "test")}
+
+    def compute():
+        train = decoded(df[df["split"] == "train"].reset_index(drop=True), model.size, paths.root, paths.cache)
         with torch.inference_mode():
             tr = []
-            for i in range(0, len(imgs["train"]), 64):
-                tr.append(model.forward(np.asarray(imgs["train"][i:i + 64]))[1])
+            for i in range(0, len(train), 64):
+                tr.append(model.forward(np.asarray(train[i:i + 64]))[1])
             react = float(np.percentile(torch.cat(tr).numpy(), args.react_pct))
-        sets = {s: forward_all(model, imgs[s], react) for s in imgs}
-        for g in groups:
-            sets[g] = forward_all(model, external_films(paths.root, ext, g, model.size), react)
+        sets = score_sets(lambda films: forward_all(model, films, react), model.size, paths, df, ext, groups,
+                          ("train", "valid", "test"))
         sets["photos"] = forward_all(model, grey_photos(model.size), react)
-        save_sets(cache, sets)
         print(f"ReAct clip level (train {args.react_pct:g}th percentile): {react:.4f}")
+        return sets
+    sets = cached_sets(paths.root, "posthoc", args.model_dir, compute, f"-react{args.react_pct:g}")
     probs = {k: torch.softmax(torch.as_tensor(v["logits"]) / T, 1).numpy() for k, v in sets.items()}
     q, lq, k = float(vcfg["novelty_quantile"]), float(vcfg["low_confidence_quantile"]), int(vcfg["knn_k"])
     comps = dict(vcfg["components"])

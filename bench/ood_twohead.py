@@ -16,7 +16,6 @@ Nothing reads `external/` except to score it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from covid_cxr.model.calibration import fit_temperature
 from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.cleanhead import fit_clean_head
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, external_labels, load_sets, row, save_sets
+from oodtable import HEADER, cached_sets, external_labels, row
 
 
 def run(model, imgs, rules) -> dict[str, np.ndarray]:
@@ -63,21 +62,20 @@ def main() -> None:
     df = pd.read_csv(paths.manifest)
     ext = pd.read_csv(paths.root / "external" / "labels.csv")
     groups = sorted(ext["group"].unique())
-    key = hashlib.sha1((args.model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
-    cache = paths.root / ".cache" / "twohead" / f"{key}-v2.npz"
     ys = {s: df[df["split"] == s]["label"].map(CLASSES.index).to_numpy() for s in ("train", "valid", "test")}
     ys.update(external_labels(ext, groups))
-    sets = load_sets(cache)
-    if sets is None:
+
+    def compute():
         sets = {}
         for s in ("train", "valid", "test"):
             d = df[df["split"] == s].reset_index(drop=True)
             sets[s] = run(model, decoded(d, model.size, paths.root, paths.cache), None)
             print(f"  {s} scored", flush=True)
-        for g in groups:
+        for g in groups:   # with each film's not-an-X-ray rule, as uploads are answered
             loaded = [load_film(paths.root / "external" / f, model.size) for f in ext[ext["group"] == g]["file"]]
             sets[g] = run(model, np.stack([a for a, _ in loaded]), [r for _, r in loaded])
-        save_sets(cache, sets)
+        return sets
+    sets = cached_sets(paths.root, "twohead", args.model_dir, compute, "-v2")
 
     inputs = ["content" if c == "feats" else c for c in args.features.split("+")]
     feats = {s: {"content": d["feats"], "style": d["style"]} for s, d in sets.items()}

@@ -94,10 +94,15 @@ def score_sets(score: Callable[[np.ndarray], dict[str, np.ndarray]], size: int, 
     return sets
 
 
-def cached_sets(root: Path, kind: str, model_dir: Path,
-                compute: Callable[[], dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
-    """One model's scored sets from .cache/<kind>/<model_key>.npz, or `compute()`d and saved there."""
-    cache = Path(root) / ".cache" / kind / f"{model_key(model_dir)}.npz"
+def cache_path(root: Path, kind: str, model_dir: Path, suffix: str = "") -> Path:
+    """Where one bench script (`kind`) keeps one model's scored sets: .cache/<kind>/<model_key><suffix>.npz."""
+    return Path(root) / ".cache" / kind / f"{model_key(model_dir)}{suffix}.npz"
+
+
+def cached_sets(root: Path, kind: str, model_dir: Path, compute: Callable[[], dict[str, dict[str, np.ndarray]]],
+                suffix: str = "") -> dict[str, dict[str, np.ndarray]]:
+    """One model's scored sets from `cache_path`, or `compute()`d and saved there."""
+    cache = cache_path(root, kind, model_dir, suffix)
     sets = load_sets(cache)
     if sets is None:
         sets = compute()
