@@ -10,8 +10,13 @@ All variants run in this one process on the same real images, same model and bat
   frozen/cached  frozen phase on cached pooled features (the body runs once, not per epoch)
   +compile       (--compile) torch.compile on the partial variant; compile time printed separately
 
-Usage: python bench/bench_train.py [--size 160] [--steps 12] [--profile cpu] [--compile]
-Prints a table; nothing is asserted.
+Usage: .venv/bin/python bench/bench_train.py [--size 160] [--steps 12] [--profile cpu] [--compile]
+
+Prints a table, then the target and whether it is met: the `+ channels_last` variant (the cpu
+profile's fine-tuning path: decoded cache, channels_last, every layer training) at >= 1.37x the
+img/s of plain fastai. Where 1.37x comes from: the README's training notes record channels_last
+alone at +37-75 % img/s; the decoded cache's own gain over PNG decoding comes on top of it, so
+1.37x is the floor those recorded figures promise. Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -133,6 +138,9 @@ def main() -> None:
     print(f"\n{'variant':<66} {'img/s':>8} {'vs plain':>9}")
     for name, r in rows:
         print(f"{name:<66} {r:8.1f} {r / base:8.2f}x")
+    pipe = dict(rows)["+ channels_last"] / base
+    print(f"target: cpu-profile fine-tuning (cache + channels_last) img/s >= 1.37x plain fastai  "
+          f"measured: {pipe:.2f}x  {'MET' if pipe >= 1.37 else 'NOT MET'}")
 
 
 if __name__ == "__main__":

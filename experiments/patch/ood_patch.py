@@ -7,16 +7,17 @@ local feature vectors: for each spatial position of a body layer's feature map (
 inside the central lung field, `evaluate.lung_box`), the cosine distance to the nearest patch of
 a random sample of training-film patches (PCA-reduced, fitted on train), and the film's score is
 the largest of them. Each variant joins the shipped model's parts (knn, style, energy) under the
-pipeline's one valid budget, as bench/ood_inet.py does; every statistic comes from train (bank,
+pipeline's one valid budget, as experiments/inet/ood_inet.py does; every statistic comes from train (bank,
 PCA) or valid (scales, thresholds); external films are only scored.
 
-Needs bench/ood_inet.py's cache for the same model (the shipped parts and probabilities).
+Needs experiments/inet/ood_inet.py's cache for the same model (the shipped parts and probabilities).
 
-    .venv/bin/python bench/ood_patch.py artifacts/model
+    .venv/bin/python experiments/patch/ood_patch.py artifacts/model
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,12 @@ import torch
 
 from covid_cxr.config import Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.model.checkpoint import _pca, load_model
+from covid_cxr.model.checkpoint import load_model
+from covid_cxr.model.novelty import pca
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, cache_path, external_films, grey_photos, load_sets, row, truths
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # oodtable
+from oodtable import HEADER, cache_path, external_films, grey_photos, load_sets, row, truths  # noqa: E402
 
 LAYERS = (13, 16, 18)   # mobilenet_v2 body: 96 ch at 1/16, 160 ch at 1/32, the last 1280 ch at 1/32
 
@@ -58,7 +62,7 @@ class PatchPart:
         flat = train.reshape(-1, train.shape[-1])
         pick = rng.choice(len(flat), size=min(n_bank, len(flat)), replace=False)
         x = torch.as_tensor(flat[pick], dtype=torch.float64)
-        self.mean, self.comp = (t.float() for t in _pca(x, n_components))
+        self.mean, self.comp = (t.float() for t in pca(x, n_components))
         self.bank = self._unit(x.float())
 
     def _unit(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +93,7 @@ def main() -> None:
     model = load_model(args.model_dir)
     sets = load_sets(cache_path(paths.root, "inet", args.model_dir))
     if sets is None:
-        raise SystemExit("run bench/ood_inet.py on this model first (its cache holds the shipped parts)")
+        raise SystemExit("run experiments/inet/ood_inet.py on this model first (its cache holds the shipped parts)")
     df, ext, groups, ys = truths(paths.root, paths.manifest)
 
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ touched), then scores the test split and every external group through the same c
 `evaluate` and `external` stages, and prints one markdown row (also appended to
 .cache/experiments/results.jsonl).
 
-    .venv/bin/python bench/ood_experiments.py --name base-ls0 \
+    .venv/bin/python experiments/recipes/ood_experiments.py --name base-ls0 \
         -S train.label_smoothing=0 -S train.augment.acquisition.jpeg.p=0 [--profile probe]
 
 Thresholds (temperature, novelty, low confidence) are fitted on valid by `train`, as in the

@@ -11,11 +11,12 @@ regression is fitted; its L2 strength and temperature are chosen on valid by NLL
 - `mean+disagree`: and refer when the heads' labels differ.
 Nothing reads `external/` except to score it.
 
-    .venv/bin/python bench/ood_twohead.py .cache/experiments/cpu-acq-p0.25-2026-12-03/model
+    .venv/bin/python experiments/twohead/ood_twohead.py .cache/experiments/cpu-acq-p0.25-2026-12-03/model
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ from covid_cxr.model.calibration import fit_temperature
 from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.cleanhead import fit_clean_head
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, cached_sets, external_labels, row
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # oodtable
+from oodtable import HEADER, cached_sets, external_labels, row  # noqa: E402
 
 
 def run(model, imgs, rules) -> dict[str, np.ndarray]:

@@ -10,11 +10,12 @@ parts thresholded at the valid `novelty_quantile`, plus the low-confidence refer
 own (two-head) probabilities. Every statistic comes from train (banks, PCA) or valid (scales,
 thresholds); external films are only scored, and every variant is printed.
 
-    .venv/bin/python bench/ood_inet.py artifacts/model
+    .venv/bin/python experiments/inet/ood_inet.py artifacts/model
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +24,14 @@ import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
+from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.nets import build
+from covid_cxr.model.novelty import KnnPart, OodModel
 from covid_cxr.model.train import embeddings
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, PHOTOS, cached_sets, grey_photos, row, score_sets, truths
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # oodtable
+from oodtable import HEADER, PHOTOS, cached_sets, grey_photos, row, score_sets, truths  # noqa: E402
 
 
 def model_sets(model, imgs: np.ndarray, inet, bs: int = 64) -> dict[str, np.ndarray]:

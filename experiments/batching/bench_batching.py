@@ -7,11 +7,11 @@ Reports per target and concurrency the median over rounds of: requests/s, p50 / 
 the mean forward batch, and the service's own `queue` time (Server-Timing: time in the model
 call beyond the forward pass itself, i.e. what the batching mechanism costs a request).
 
-    .venv/bin/python bench/bench_batching.py --model-dir DIR            # the three below
-    .venv/bin/python bench/bench_batching.py --model-dir DIR --targets private=covid_cxr.serve.service:CovidCxr
+    .venv/bin/python experiments/batching/bench_batching.py --model-dir DIR            # the three below
+    .venv/bin/python experiments/batching/bench_batching.py --model-dir DIR --targets private=covid_cxr.serve.service:CovidCxr
 
 Targets: `private` (the service: its own CorkDispatcher), `selfcall` and `composed`
-(bench/batching_variants.py: BentoML's documented `@bentoml.api(batchable=True)`).
+(experiments/batching/batching_variants.py: BentoML's documented `@bentoml.api(batchable=True)`).
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench_service: servers and load
 
 import bench_service as B  # noqa: E402
 
 TARGETS = {
     "private": "covid_cxr.serve.service:CovidCxr",
-    "selfcall": "bench.batching_variants:SelfCall",
-    "composed": "bench.batching_variants:Composed",
+    "selfcall": "experiments.batching.batching_variants:SelfCall",
+    "composed": "experiments.batching.batching_variants:Composed",
 }
 
 

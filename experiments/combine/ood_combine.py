@@ -5,11 +5,12 @@ Each model's own parts (as `train` fitted and standardised them on train and val
 set once (cached in .cache/combine/); each rule's threshold is its valid `novelty_quantile`, and
 the low-confidence refer is the model's own. `external/` is only scored.
 
-    .venv/bin/python bench/ood_combine.py artifacts/model .cache/experiments/NAME/model ...
+    .venv/bin/python experiments/combine/ood_combine.py artifacts/model .cache/experiments/NAME/model ...
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ import torch
 from covid_cxr.config import Paths, load_params
 from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.cleanhead import mix
-from oodtable import HEADER, PHOTOS, cached_sets, grey_photos, row, score_sets, truths
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # oodtable
+from oodtable import HEADER, PHOTOS, cached_sets, grey_photos, row, score_sets, truths  # noqa: E402
 
 
 def parts_and_probs(model, imgs: np.ndarray, bs: int = 64) -> dict[str, np.ndarray]:

@@ -4,17 +4,21 @@ MobileNetV2, every layer training, batch 32, channels_last, 2 threads, synthetic
 loading, no augmentation), median of the timed steps after one warm-up. bfloat16 runs only where
 the CPU has native bf16 dot products (AVX512-BF16 or AMX); elsewhere it is slower than float32.
 
-    .venv/bin/python bench/bench_bf16.py
+    .venv/bin/python experiments/bf16/bench_bf16.py
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench_freeze import img_per_s  # the same timed training step, every layer training
 from covid_cxr.model.nets import build
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "freeze"))
+from bench_freeze import img_per_s  # noqa: E402  (the same timed training step, every layer training)
 
 
 def _median(times: list[float]) -> float:

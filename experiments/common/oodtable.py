@@ -1,4 +1,4 @@
-"""What the ood_* bench scripts share: their per-set feature caches, and the one table row they print.
+"""What the ood_* experiment scripts share: their per-set feature caches, and the one table row they print.
 
 A row judges one rule (probabilities + refer flags per set) the way `external.json` and the test
 figures do: flagged = refer for any reason; confidently wrong = wrong, not referred, top ≥ `confident`.
@@ -29,7 +29,9 @@ def external_labels(ext, groups) -> dict[str, np.ndarray]:
 def model_key(model_dir: Path) -> str:
     """A cache key for one trained model: the first 12 hex digits of a SHA-1 over everything a cached
     score reads: every weights file (body, novelty model, clean head) and the calibration and refer
-    thresholds of model.json. Two models with one body but another clean head get two keys."""
+    thresholds of model.json (schema 2 keeps the novelty threshold in `ood`, so it is hashed too;
+    schema-1 files keep the key their caches were written under). Two models with one body but
+    another clean head get two keys."""
     import hashlib
     import json
 
@@ -38,7 +40,8 @@ def model_key(model_dir: Path) -> str:
     for f in sorted(model_dir.glob("*.safetensors")):
         h.update(f.name.encode() + f.read_bytes())
     meta = json.loads((model_dir / "model.json").read_text())
-    h.update(json.dumps({k: meta.get(k) for k in ("temperature", "class_bias", "verdict")}, sort_keys=True).encode())
+    keys = ("temperature", "class_bias", "verdict") + (("ood",) if int(meta.get("schema", 1)) >= 2 else ())
+    h.update(json.dumps({k: meta.get(k) for k in keys}, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
@@ -95,7 +98,7 @@ def score_sets(score: Callable[[np.ndarray], dict[str, np.ndarray]], size: int, 
 
 
 def cache_path(root: Path, kind: str, model_dir: Path, suffix: str = "") -> Path:
-    """Where one bench script (`kind`) keeps one model's scored sets: .cache/<kind>/<model_key><suffix>.npz."""
+    """Where one experiment script (`kind`) keeps one model's scored sets: .cache/<kind>/<model_key><suffix>.npz."""
     return Path(root) / ".cache" / kind / f"{model_key(model_dir)}{suffix}.npz"
 
 

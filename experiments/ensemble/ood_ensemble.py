@@ -1,6 +1,6 @@
 """Two trained models together: does a clean-trained and an acquisition-augmented model beat the frontier?
 
-The acquisition ablation (docs/trust.md) found one frontier: a model trained on clean films scores
+The acquisition ablation (experiments/recipes/README.md) found one frontier: a model trained on clean films scores
 the test split well (0.985) and the unseen hospital badly; an augmented one the other way round.
 This asks whether a pair does better than either, under three rules:
 - `mean`: the mean of the two models' calibrated probabilities; refer when either model refers;
@@ -13,12 +13,13 @@ This asks whether a pair does better than either, under three rules:
 Each model's own verdict is the one fitted on valid at its training time; nothing here reads
 `external/` except to score it.
 
-    .venv/bin/python bench/ood_ensemble.py .cache/experiments/cpu-acq-off-2026-12-03/model \
+    .venv/bin/python experiments/ensemble/ood_ensemble.py .cache/experiments/cpu-acq-off-2026-12-03/model \
         .cache/experiments/cpu-acq-p0.25-2026-12-03/model
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import hashlib
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,9 @@ from covid_cxr.data.cache import decoded
 from covid_cxr.evaluation.scoring import load_film
 from covid_cxr.model.checkpoint import load_model
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import HEADER, external_labels, row
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # oodtable
+from oodtable import HEADER, external_labels, row  # noqa: E402
 
 
 def outputs(model_dir: Path, paths: Paths, sets: dict[str, Callable]) -> dict[str, np.ndarray]:

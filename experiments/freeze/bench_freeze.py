@@ -4,7 +4,7 @@ MobileNetV2, batch 32, channels_last, 2 threads, synthetic input (no data loadin
 median of 5 timed steps after one warm-up. `body[:n]` frozen: 0 = all layers train; 7 = the lowest of
 the four parameter groups (nets.py) frozen, as `unfreeze_groups: 3` does.
 
-    .venv/bin/python bench/bench_freeze.py
+    .venv/bin/python experiments/freeze/bench_freeze.py
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from covid_cxr.model.nets import build
 
 
 def img_per_s(size: int, n_frozen: int, steps: int = 6, bs: int = 32, bf16: bool = False) -> float:
-    """img/s of one training step; `bf16` runs forward and loss under CPU bfloat16 autocast (bench_bf16.py)."""
+    """img/s of one training step; `bf16` runs forward and loss under CPU bfloat16 autocast (../bf16)."""
     net = build("mobilenet_v2", pretrained=True).to(memory_format=torch.channels_last)
     frozen = net.body[:n_frozen]
     for p in frozen.parameters():

@@ -2,16 +2,18 @@
 
 For a model directory, runs the body once per split (train, valid, test) and per external group,
 then, for each policy (novelty parts, novelty quantile, low-confidence quantile), fits the
-novelty model on train and its thresholds on valid exactly as `train` does (Novelty.fit,
-fit_min_confidence) and prints the test and external figures of the verdict the service would
-return. External films are only scored; no policy is chosen on them by this script: it prints
+novelty model on train and its thresholds on valid as `train` did when this study was run, one
+head and parts combined by their max (Novelty.fit, fit_min_confidence; today's fit, with the
+clean head and the sum, is referpolicy.fit_refer_policy), and prints the test and external
+figures of the verdict. External films are only scored; no policy is chosen on them by this script: it prints
 every row it is given.
 
-    .venv/bin/python bench/ood_verdicts.py .cache/experiments/cpu-u3/model
+    .venv/bin/python experiments/refer_policy/ood_verdicts.py .cache/experiments/cpu-u3/model
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,12 @@ import torch
 
 from covid_cxr.config import CLASSES, Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.model.checkpoint import Novelty, load_model
+from covid_cxr.model.checkpoint import load_model
+from covid_cxr.model.novelty import Novelty
 from covid_cxr.model.verdict import Policy, decide, fit_min_confidence
-from oodtable import PHOTOS, external_films, grey_photos
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # oodtable
+from oodtable import PHOTOS, external_films, grey_photos  # noqa: E402
 
 POLICIES = [  # (novelty parts, novelty quantile, low-confidence quantile, per-part scale quantiles)
     (("knn", "style", "energy"), 0.985, 0.005, {}),
@@ -75,8 +80,8 @@ def main() -> None:
     for parts, q, lq, pq in POLICIES:
         nov = Novelty.fit({k: sets["train"][k].numpy() for k in ("content", "style")}, ys["train"],
                           sets["valid"], q, dict(vcfg["components"]), parts, T, vcfg.get("knn_k"), pq,
-                          combine="max")   # this study's tables were measured under the max (bench/ood_combine.py: sum)
-        pol = Policy(min_confidence=fit_min_confidence(probs["valid"], lq), novelty_threshold=nov.threshold)
+                          combine="max")   # this study's tables were measured under the max (experiments/combine: sum)
+        pol = Policy(min_confidence=fit_min_confidence(probs["valid"], lq))
         fig = {}
         for k, v in sets.items():
             novel = (nov.score(v["content"], v["style"], v["logits"]) > nov.threshold).numpy()

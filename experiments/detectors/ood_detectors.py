@@ -6,7 +6,7 @@ Then, for each candidate detector, fits it on train, sets its threshold at the v
 `--quantile`, and prints the share flagged on test and on each external group. Thresholds are
 fitted on valid only; external films are only scored.
 
-    .venv/bin/python bench/ood_detectors.py .cache/experiments/acq+ls0.1/model
+    .venv/bin/python experiments/detectors/ood_detectors.py .cache/experiments/acq+ls0.1/model
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import torch
 
 from covid_cxr.config import CLASSES, Paths
 from covid_cxr.data.cache import decoded
-from covid_cxr.model.checkpoint import OodModel, load_model
+from covid_cxr.model.checkpoint import load_model
+from covid_cxr.model.novelty import OodModel
 from covid_cxr.evaluation.scoring import load_film
 
 

@@ -1,7 +1,7 @@
 """Accuracy of a running server on a labelled folder (flat `<Class>/*` or Kaggle layout).
 
     covid-cxr serve --port 3000 &     # the production Bento
-    python bench/api_accuracy.py ../shared/incoming/batch-001 --url http://127.0.0.1:3000
+    .venv/bin/python experiments/api_accuracy/api_accuracy.py ../shared/incoming/batch-001 --url http://127.0.0.1:3000
 
 Posts every image to /predict (one request each, as a client would), prints accuracy, COVID
 recall, the confusion matrix, how many were flagged out-of-distribution, and the slowest calls.

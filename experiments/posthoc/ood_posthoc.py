@@ -8,11 +8,12 @@ valid `novelty_quantile` and adds the low-confidence refer. Every statistic come
 (bank, clip level) or valid (scales, thresholds); external films are only scored, and every
 variant given is printed.
 
-    .venv/bin/python bench/ood_posthoc.py artifacts/model
+    .venv/bin/python experiments/posthoc/ood_posthoc.py artifacts/model
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,12 @@ import torch
 
 from covid_cxr.config import Paths, load_params
 from covid_cxr.data.cache import decoded
-from covid_cxr.model.checkpoint import KnnPart, OodModel, load_model
+from covid_cxr.model.checkpoint import load_model
+from covid_cxr.model.novelty import KnnPart, OodModel
 from covid_cxr.model.verdict import fit_min_confidence
-from oodtable import PHOTOS, cached_sets, grey_photos, score_sets, truths
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))  # oodtable
+from oodtable import PHOTOS, cached_sets, grey_photos, score_sets, truths  # noqa: E402
 
 
 def forward_all(model, imgs: np.ndarray, react: float | None, bs: int = 64) -> dict[str, np.ndarray]:

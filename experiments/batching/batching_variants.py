@@ -1,6 +1,7 @@
 """The service with BentoML's documented adaptive batching instead of its own dispatcher.
 
-For bench/bench_service.py only (`--service bench.batching_variants:SelfCall` or `:Composed`):
+For bench/bench_service.py and experiments/batching/bench_batching.py only
+(`--service experiments.batching.batching_variants:SelfCall` or `:Composed`, from the repository root):
 the same routes, decoding, answers and prediction log as covid_cxr.serve.service:CovidCxr;
 only the way the decoded images reach the model differs.
 

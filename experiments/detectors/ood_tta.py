@@ -5,7 +5,7 @@ For a model directory: each film is also scored under K acquisition-style re-pro
 the K+1 views, and the share of views whose label differs from the plain one. Thresholds are
 the valid quantile `--quantile`; test and external films are only scored.
 
-    .venv/bin/python bench/ood_tta.py .cache/experiments/acq+ls0.1/model --k 4
+    .venv/bin/python experiments/detectors/ood_tta.py .cache/experiments/acq+ls0.1/model --k 4
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ For each, the knn and style parts are the model's own (fitted on train at traini
 energy part is recomputed on that variant's logits, and every scale, threshold and the
 low-confidence level are refitted on valid, as train.py does. External films are only scored.
 
-    .venv/bin/python bench/calibration_tta.py artifacts/model
+    .venv/bin/python experiments/calibration_tta/calibration_tta.py artifacts/model
 """
 from __future__ import annotations
 
