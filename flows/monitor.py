@@ -1,8 +1,8 @@
 """Drift monitoring flow: `covid-cxr monitor` on the prediction log, as a Prefect 3 flow.
 
-A thin shell over `covid_cxr.orchestrate.monitor.run_monitor` (the same code as the CLI). One run:
+A thin shell over `covid_cxr.serve.monitoring.monitor.run_monitor` (the same code as the CLI). One run:
 
-    python flows/monitor.py [--since 7d] [--log logs/predictions.jsonl] [--report out.json]
+    python flows/monitor.py [--since 7d] [--log PATH] [--report out.json]
 
 Each run writes the JSON report and its page (default `logs/monitor/drift-<UTC time>.json`
 + `.md` + `_img/`), publishes the page as the markdown artifact `drift-report`, and ends in:
@@ -16,19 +16,11 @@ Each run writes the JSON report and its page (default `logs/monitor/drift-<UTC t
 
 Drift is a FAILED-type state so that the ordinary "a flow run failed" alerting fires on it, and
 it has its own name (message: "drift: <what drifted>") so that an automation can tell it from a
-crash: Prefect names each state-change event `prefect.flow-run.<state name>`. `drift_trigger()`
-is that trigger; e.g. retrain on drift (against a real server, once):
+crash: Prefect names each state-change event `prefect.flow-run.<state name>`. prefect.yaml
+declares that automation on the retrain deployment (`retrain-on-drift`), and `covid-cxr alerts
+--webhook URL` adds the one that notifies a person (covid_cxr/orchestrate/automations.py).
 
-    from prefect.automations import Automation
-    from prefect.events.actions import RunDeployment
-    Automation(name="retrain-on-drift", trigger=drift_trigger(),
-               actions=[RunDeployment(source="selected", deployment_id=<retrain deployment id>)]).create()
-
-Scheduled (cron default: params.yaml `monitor.cron`), like flows/deploy.py for retraining; needs a
-real Prefect server (PREFECT_API_URL set):
-
-    python flows/monitor.py --serve [--cron "0 6 * * *"] [--since 7d]
-    prefect deployment run monitor/daily-drift-check     # a run now
+Deployed with the project's prefect.yaml (`daily-drift-check`, cron params.yaml `monitor.cron`).
 """
 from __future__ import annotations
 
@@ -47,14 +39,13 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from covid_cxr.orchestrate import monitor as mon  # noqa: E402
-from covid_cxr.config import load_params, project_root  # noqa: E402
+from covid_cxr.serve.monitoring import monitor as mon  # noqa: E402
+from covid_cxr.config import project_root  # noqa: E402
 
 ARTIFACT_KEY = "drift-report"
 DRIFT_STATE = "Drift"
 INCONCLUSIVE_STATE = "Inconclusive"
 FLOW_NAME = "monitor"
-DEFAULT_NAME = "daily-drift-check"
 
 
 def default_report(root: Path, now: dt.datetime | None = None) -> Path:
@@ -98,7 +89,7 @@ def monitor(
     Args:
         since: window start: ISO date/time or 30m/24h/7d/2w before now (default params.yaml monitor.window).
         until: window end (default now).
-        log: prediction log (default $COVID_CXR_PREDICTION_LOG or logs/predictions.jsonl); rotated files too.
+        log: prediction log (default: where the service writes it, predlog.configured_path); rotated files too.
         reference: reference predictions (default artifacts/eval/predictions.csv).
         report: JSON report path (default logs/monitor/drift-<UTC time>.json).
         root: project root (default $COVID_CXR_ROOT or the folder holding params.yaml).
@@ -122,56 +113,16 @@ def monitor(
     return final_state(rep)
 
 
-def drift_trigger():
-    """An automation trigger that fires when a `monitor` run ends in the `Drift` state."""
-    from prefect.events import EventTrigger
-
-    return EventTrigger(
-        expect={f"prefect.flow-run.{DRIFT_STATE}"},
-        match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME},
-        posture="Reactive",
-        threshold=1,
-    )
-
-
-def default_cron(root: Path | None = None) -> str:
-    params = load_params((root or project_root()) / "params.yaml")
-    return mon.settings(params)["cron"]
-
-
-def deployment_spec(cron: str, *, timezone: str = "UTC", since: str | None = None, log: str | None = None,
-                    reference: str | None = None, root: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for `monitor.serve` / `monitor.to_deployment`: schedule and run parameters."""
-    from prefect.schedules import Cron
-
-    return {
-        "schedules": [Cron(cron, timezone=timezone)],
-        "parameters": {"since": since, "log": log, "reference": reference, "root": root},
-        "description": "Prediction drift check: the prediction log vs the test split; ends 'Drift' on drift.",
-        "tags": ["covid-cxr", "monitoring"],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the drift-monitoring flow once, or serve it on a schedule.")
     ap.add_argument("--since", help="window start (ISO date/time or 30m/24h/7d/2w; default params monitor.window)")
     ap.add_argument("--until", help="window end (default now)")
-    ap.add_argument("--log", help="prediction log (default $COVID_CXR_PREDICTION_LOG or logs/predictions.jsonl)")
+    ap.add_argument("--log", help="prediction log (default: where the service writes it)")
     ap.add_argument("--reference", help="reference predictions CSV (default artifacts/eval/predictions.csv)")
     ap.add_argument("--report", help="JSON report to write (default logs/monitor/drift-<time>.json)")
     ap.add_argument("--root", help="project root (default: the folder holding params.yaml)")
-    ap.add_argument("--serve", action="store_true", help="serve as a scheduled deployment until stopped")
-    ap.add_argument("--name", default=DEFAULT_NAME, help="deployment name (--serve)")
-    ap.add_argument("--cron", help="cron string (--serve; default params.yaml monitor.cron)")
-    ap.add_argument("--timezone", default="UTC", help="time zone the cron string is read in (--serve)")
     a = ap.parse_args(argv)
     root = Path(a.root).resolve() if a.root else project_root()
-    if a.serve:
-        spec = deployment_spec(a.cron or default_cron(root), timezone=a.timezone, since=a.since,
-                               log=str(Path(a.log).resolve()) if a.log else None,
-                               reference=str(Path(a.reference).resolve()) if a.reference else None, root=str(root))
-        monitor.serve(name=a.name, limit=1, **spec)
-        return 0
     state = monitor(since=a.since, until=a.until, log=a.log, reference=a.reference, report=a.report,
                     root=str(root), return_state=True)
     print(f"monitor: {state.type.value} / {state.name}: {state.message or ''}")

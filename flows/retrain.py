@@ -37,7 +37,9 @@ from prefect.states import Completed  # noqa: E402
 from covid_cxr.orchestrate import inbox as inbox_mod  # noqa: E402
 from covid_cxr.orchestrate.ingest import ingest_batch  # noqa: E402
 from covid_cxr.orchestrate import steps as orch  # noqa: E402
+from covid_cxr import vcs  # noqa: E402
 from covid_cxr.orchestrate import shell  # noqa: E402
+from covid_cxr.runner import StepError  # noqa: E402
 from covid_cxr.config import Paths, project_root  # noqa: E402
 
 SUMMARY_KEY = "retrain-summary"
@@ -69,7 +71,7 @@ def record_batches(root: str, batches: list[dict[str, Any]], outcome: str, data_
 
     inbox_mod.record(paths, batches, outcome, data_version=data_version, flow_run=str(flow_run.id or ""))
     if commit:
-        shell.git_commit_files(Path(root), [paths.ledger],
+        vcs.git_commit_files(Path(root), [paths.ledger],
                               "inbox: processed " + ", ".join(b["name"] for b in batches), log=_log())
 
 
@@ -256,7 +258,7 @@ def retrain(
         if not decision.get("passed"):
             reasons = "; ".join(decision.get("reasons") or []) or "no reasons given"
             settle("gate failed")
-            raise shell.StepError(f"gate failed, production unchanged: {reasons}")
+            raise StepError(f"gate failed, production unchanged: {reasons}")
 
         metrics = decision.get("metrics") or {}
         if orch.same_as_champion(root_p, metrics, summary["champion"]):
@@ -285,7 +287,7 @@ def retrain(
     except Exception as e:
         summary["error"] = f"{type(e).__name__}: {e}"
         log.error("retraining failed at step %r: %s", summary["step"], e)
-        raise shell.StepError(f"retraining failed at step '{summary['step']}': {e}") from e
+        raise StepError(f"retraining failed at step '{summary['step']}': {e}") from e
     finally:
         try:
             publish_summary(summary)
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     state = retrain(
         incoming=[str(Path(p).resolve()) for p in a.incoming] or None,
         inbox=str(Path(a.inbox).resolve()) if a.inbox else None,
-        remote=shell.normalize_remote(a.remote),
+        remote=vcs.absolute(a.remote),
         commit=a.commit,
         root=a.root,
         backoff_s=a.backoff_s,

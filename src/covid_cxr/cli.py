@@ -6,8 +6,8 @@ fastai, bentoml, great_expectations) stay inside the command bodies so that
 `covid-cxr --help` is instant.
 
 Help text is plain (no Rich markup), so `[default: ...]` in option help shows as written.
-A command that runs prints its wall time on stderr when it ends (`dvc repro` logs show
-per-stage cost); `--help` and usage errors print none. A usage error is one line, exit 2.
+A command that does its work prints its wall time on stderr when it ends (`dvc repro` logs show
+per-stage cost); `--help`, usage errors and failures print none. A usage error is one line, exit 2.
 """
 from __future__ import annotations
 
@@ -43,12 +43,13 @@ STAGE_MODULES = (  # each registers its commands; in pipeline order
     "model.train",
     "evaluation.external",
     "evaluation.evaluate",
-    "evaluation.gate",
+    "release.gate",
     "release.package",
     "release.registry",
     "serve.serving",
-    "orchestrate.monitor",
+    "serve.monitoring.monitor",
     "serve.predict",
+    "orchestrate.automations",
 )
 
 
@@ -62,15 +63,24 @@ def command_name(ctx: typer.Context) -> str:
 
 
 class TimedCommand(TyperCommand):
-    """Prints the command's wall time once it has run (arguments parsed: not for --help or usage errors)."""
+    """Prints the command's wall time once it has done its work (exit 0): not for --help, usage
+    errors or a command that failed, whose last line stays its error."""
 
     def invoke(self, ctx: typer.Context) -> Any:
         t0 = time.perf_counter()
         try:
-            return super().invoke(ctx)
-        finally:
-            typer.secho(f"⏱  {command_name(ctx)}: {time.perf_counter() - t0:.1f} s wall",
-                        fg=typer.colors.BRIGHT_BLACK, err=True)
+            rv = super().invoke(ctx)
+        except typer.Exit as e:
+            if e.exit_code == 0:
+                _wall(ctx, t0)
+            raise
+        _wall(ctx, t0)
+        return rv
+
+
+def _wall(ctx: typer.Context, t0: float) -> None:
+    typer.secho(f"⏱  {command_name(ctx)}: {time.perf_counter() - t0:.1f} s wall", fg=typer.colors.BRIGHT_BLACK,
+                err=True)
 
 
 def _train_profile(value: str | None) -> str | None:

@@ -38,12 +38,20 @@ class Paths:
         self.train_curves = self.artifacts / "train"     # DVCLive: per-epoch loss and accuracy
         self.eval_dir = self.artifacts / "eval"
         self.gate = self.artifacts / "gate.json"
+        self.headline = self.artifacts / "metrics.json"      # the one DVC metrics file (release/gate.py)
         self.model_card = self.artifacts / "model_card.md"
         self.registry = self.root / "registry"          # git-tracked records (promotion.py, inbox.py)
         self.production = self.registry / "production.json"
         self.bentos = self.registry / "bentos"          # exported Bentos, tracked by DVC (release/registry.py)
         self.ledger = self.registry / "inbox-ledger.json"
         self.cache = self.root / ".cache" / "covid_cxr"
+
+
+def state_dir() -> Path:
+    """Where covid-cxr keeps what it writes while it serves, per user and machine, whichever checkout
+    or Bento runs: `$XDG_STATE_HOME/covid-cxr` (default `~/.local/state/covid-cxr`)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base).expanduser() / "covid-cxr"
 
 
 def load_params(path: Path | str | None = None) -> dict[str, Any]:

@@ -117,10 +117,10 @@ def test_wall_time_names_the_sub_command(monkeypatch, capsys, project, tmp_path)
     assert "covid-cxr data:" not in err
 
 
-def test_wall_time_also_after_a_failed_run(monkeypatch, capsys, project):
+def test_a_failed_run_ends_on_its_error_not_a_wall_time(monkeypatch, capsys, project):
     code, out, err = run_main(monkeypatch, capsys, "gate")  # no metrics.json in the project
     assert code == 2 and "error: " in err and "metrics.json is missing" in err
-    assert re.search(r"^⏱  covid-cxr gate: \d+\.\d s wall$", err, re.M), err
+    assert "⏱" not in out + err and err.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_bare_group_prints_its_help(monkeypatch, capsys, project):
@@ -165,9 +165,9 @@ def test_profile_list_comes_from_params_yaml(monkeypatch, project):
 def test_a_missing_stage_module_is_an_error_not_skipped():
     """cli no longer swallows ModuleNotFoundError: a stage that cannot be imported breaks the CLI loudly."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['covid_cxr.evaluation.gate'] = None; import covid_cxr.cli"],
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['covid_cxr.release.gate'] = None; import covid_cxr.cli"],
                        capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr and "covid_cxr.evaluation.gate" in r.stderr
+    assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr and "covid_cxr.release.gate" in r.stderr
 
 
 def test_console_script_runs_as_a_subprocess(project):

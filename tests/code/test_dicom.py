@@ -21,7 +21,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS / "service"))
 import imgfactory as fx  # noqa: E402
 
-from covid_cxr.data import dicom  # noqa: E402
+from covid_cxr.data import dicom, dicomsniff  # noqa: E402
 from covid_cxr.config import CLASSES  # noqa: E402
 from covid_cxr.data.preprocess import ImageError, load_gray, open_image, to_gray  # noqa: E402
 
@@ -94,13 +94,13 @@ def test_dicom_is_detected_by_content_not_name(tmp_path, gray):
     p = fx.dicom_file(tmp_path / "scan.png", gray, "mono2_8")  # misnamed: still read as DICOM
     assert open_image(p).format == "DICOM"
     raw = fx.dicom_bytes(gray, "implicit_no_preamble")
-    assert raw[128:132] != b"DICM" and dicom.is_dicom(raw)
+    assert raw[128:132] != b"DICM" and dicomsniff.is_dicom(raw)
     assert np.array_equal(np.asarray(open_image(raw)), gray)
     # Pillow formats are never taken for DICOM
     for fmt in ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM", "GIF"):
         b = io.BytesIO()
         Image.fromarray(gray).save(b, fmt)
-        assert not dicom.is_dicom(b.getvalue()), fmt
+        assert not dicomsniff.is_dicom(b.getvalue()), fmt
         assert open_image(b.getvalue()).format != "DICOM"
 
 

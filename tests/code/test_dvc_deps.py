@@ -1,23 +1,9 @@
-"""dvc.yaml's code deps and params are complete, derived from the code itself.
+"""dvc.yaml's code deps are generated and current; its params are complete, derived from the code itself.
 
-Everything here is computed from `dvc.yaml`, `params.yaml`, the typer app and the package's
-source; nothing is hard-coded per stage except the reviewed `NOT_READ` waivers below, which
-are themselves checked (a waiver the analysis no longer needs fails the suite).
-
-Code deps
-    For each stage whose `cmd` is `covid-cxr <command> ...`, the module that registers
-    `<command>` (the typer callback's `__module__`, for every module in `cli.STAGE_MODULES`)
-    is the stage's root. A yaml dep with a BentoML `service: "covid_cxr.x:Svc"` key adds
-    `covid_cxr.x` as a root too (the package stage builds that module into the Bento).
-    The closure follows every import of a package module, at module level or inside a
-    function: `from .x import`, `from . import x`, `from covid_cxr.x import`, `import
-    covid_cxr.x`, literal `importlib.import_module("covid_cxr.x")`; every package on the way
-    brings its `__init__.py`. A dynamic import in the closure fails the test (the closure could
-    not be computed). String literals naming a non-Python entry of the package folder (e.g.
-    `"web"`) are data the code reads and are required as well. Each file must be covered by a
-    dep (a listed folder covers what is under it). `cli.py` itself is the dispatcher and is
-    left out on purpose: it imports every stage module, so counting it would make each stage
-    depend on all code.
+Code deps are written by `.ci/dvc_deps.py` from the code's imports (its docstring says how); this
+test fails when they are stale, and its checker, on a copy of dvc.yaml, reports any one removed
+dep. Nothing is hard-coded per stage except the reviewed `NOT_READ` waivers below, which are
+themselves checked (a waiver the analysis no longer needs fails the suite).
 
 Params
     An abstract interpretation of the AST, sound for the project's one convention: a
@@ -47,7 +33,7 @@ from __future__ import annotations
 
 import ast
 import copy
-import shlex
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -57,145 +43,30 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-SRC = REPO / "src"
-PKG = "covid_cxr"
-EXCLUDED = {f"{PKG}.cli"}  # the dispatcher: see the module docstring
+
+
+def _generator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dvc_deps", REPO / ".ci" / "dvc_deps.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["dvc_deps"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gen = _generator()
+SRC, PKG, EXCLUDED = gen.SRC, gen.PKG, gen.EXCLUDED
+Module, module_file, load_module, data_entries, closure = (gen.Module, gen.module_file, gen.load_module,
+                                                          gen.data_entries, gen.closure)
+command_modules, stage_command, bento_roots = gen.command_modules, gen.stage_command, gen.bento_roots
+load_dvc, load_params_yaml = gen.load_dvc, gen.load_params_yaml
 
 # (stage, param) reads the analysis reports that the stage provably does not depend on.
 NOT_READ: dict[tuple[str, str], str] = {
     ("prepare", "validate.min_side"): "prepare builds rules.Limits but uses only max_pixels and near_dup_*",
     ("prepare", "validate.modes"): "prepare builds rules.Limits but uses only max_pixels and near_dup_*",
 }
-
-
-# --------------------------------------------------------------------------- the package's modules
-
-
-def module_file(name: str) -> Path | None:
-    base = SRC.joinpath(*name.split("."))
-    for p in (base.with_suffix(".py"), base / "__init__.py"):
-        if p.is_file():
-            return p
-    return None
-
-
-def _parents(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-@dataclass
-class Module:
-    name: str
-    path: Path
-    tree: ast.Module
-    imports: dict[str, int] = field(default_factory=dict)  # package module -> line of the import
-    bindings: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # local name -> (module, attr)
-    units: dict[str, list[ast.AST]] = field(default_factory=dict)  # top-level def/class name (or <module>)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def is_package(self) -> bool:
-        return self.path.name == "__init__.py"
-
-    def rel(self, node: ast.AST) -> str:
-        return f"{self.path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
-
-
-def _in_pkg(name: str | None) -> bool:
-    return bool(name) and (name == PKG or name.startswith(PKG + "."))
-
-
-@lru_cache(maxsize=None)
-def load_module(name: str) -> Module:
-    path = module_file(name)
-    assert path is not None, name
-    tree = ast.parse(path.read_text(), str(path))
-    m = Module(name, path, tree)
-
-    def add_import(target: str, node: ast.AST) -> None:
-        for t in (*_parents(target), target):
-            if module_file(t):
-                m.imports.setdefault(t, node.lineno)
-
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                pkg = name if m.is_package else name.rpartition(".")[0]
-                for _ in range(node.level - 1):
-                    pkg = pkg.rpartition(".")[0]
-                base = f"{pkg}.{node.module}" if node.module else pkg
-            else:
-                base = node.module or ""
-            if not _in_pkg(base):
-                continue
-            add_import(base, node)
-            for a in node.names:
-                full = f"{base}.{a.name}"
-                if a.name != "*" and module_file(full):
-                    add_import(full, node)
-                    m.bindings[a.asname or a.name] = (full, None)
-                elif a.name != "*":
-                    m.bindings[a.asname or a.name] = (base, a.name)
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                if _in_pkg(a.name):
-                    add_import(a.name, node)
-                    if a.asname:
-                        m.bindings[a.asname] = (a.name, None)
-                    else:
-                        m.bindings[a.name.split(".")[0]] = (PKG, None)
-        elif isinstance(node, ast.Call):
-            fn = node.func
-            fname = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
-            if fname in ("import_module", "__import__"):
-                arg = node.args[0] if node.args else None
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                    if _in_pkg(arg.value):
-                        add_import(arg.value, node)
-                else:
-                    m.problems.append(f"{m.rel(node)}: dynamic import; the dependency closure cannot be computed")
-
-    for stmt in tree.body:
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            m.units[stmt.name] = [stmt]
-        else:
-            m.units.setdefault("<module>", []).append(stmt)
-    return m
-
-
-def data_entries(m: Module) -> dict[str, int]:
-    """Non-Python entries of the module's package folder that the module names in a string literal."""
-    folder = m.path.parent
-    entries = {p.name for p in folder.iterdir()
-               if p.suffix != ".py" and p.name != "__pycache__" and not p.name.endswith(".egg-info")
-               and not (p / "__init__.py").exists()}  # a subpackage is reached by its imports
-    found: dict[str, int] = {}
-    for node in ast.walk(m.tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in entries:
-            found.setdefault(node.value, node.lineno)
-    return found
-
-
-def closure(roots: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Every package module the roots import, transitively -> its import chain from a root."""
-    chains: dict[str, list[str]] = {}
-    todo = deque()
-    for r in roots:
-        for t in (r, *_parents(r)):
-            if t not in chains:
-                chains[t] = [r] if t == r else [r, t]
-                todo.append(t)
-    problems: list[str] = []
-    while todo:
-        cur = todo.popleft()
-        m = load_module(cur)
-        problems += m.problems
-        for dep in m.imports:
-            if dep not in chains and dep not in EXCLUDED:
-                chains[dep] = chains[cur] + [dep]
-                todo.append(dep)
-    return chains, problems
 
 
 # --------------------------------------------------------------------------- name resolution
@@ -490,61 +361,6 @@ class ParamsReads:
 # --------------------------------------------------------------------------- stages
 
 
-@lru_cache(maxsize=1)
-def command_modules() -> dict[str, str]:
-    """'prepare' / 'data import' -> the module whose register() defines the command."""
-    from covid_cxr import cli
-
-    out: dict[str, str] = {}
-
-    def walk(app, prefix: str) -> None:
-        for ci in app.registered_commands:
-            name = ci.name or ci.callback.__name__.replace("_", "-")
-            out[f"{prefix}{name}"] = ci.callback.__module__
-        for g in app.registered_groups:
-            walk(g.typer_instance, f"{prefix}{g.name} ")
-
-    walk(cli.app, "")
-    assert set(out.values()) <= {f"{PKG}.{n}" for n in cli.STAGE_MODULES}, out
-    return out
-
-
-def load_dvc() -> dict:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())
-
-
-def load_params_yaml() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
-
-
-def stage_command(stage: dict) -> str | None:
-    """`covid-cxr data import x --y` -> 'data import' (the longest registered command prefix)."""
-    cmd = stage.get("cmd")
-    cmd = cmd[0] if isinstance(cmd, list) else cmd
-    if not isinstance(cmd, str):
-        return None
-    words = shlex.split(cmd)
-    if not words or words[0] != "covid-cxr":
-        return None
-    words = [w for w in words[1:3] if not w.startswith("-")]
-    cmds = command_modules()
-    for n in (2, 1):
-        if len(words) >= n and " ".join(words[:n]) in cmds:
-            return " ".join(words[:n])
-    return " ".join(words[:1]) or "<none>"
-
-
-def bento_roots(stage: dict, base: Path) -> list[str]:
-    roots = []
-    for d in stage.get("deps", []):
-        p = base / d
-        if p.suffix in (".yaml", ".yml") and p.is_file():
-            svc = (yaml.safe_load(p.read_text()) or {}).get("service")
-            if isinstance(svc, str) and _in_pkg(svc.split(":")[0]) and module_file(svc.split(":")[0]):
-                roots.append(svc.split(":")[0])
-    return roots
-
-
 @dataclass
 class Needs:
     files: dict[str, str]  # repo-relative path -> why
@@ -636,6 +452,12 @@ def checked_stages() -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------- the tests
+
+
+def test_generated_code_deps_are_current():
+    """dvc.yaml's src/ deps are exactly what .ci/dvc_deps.py generates from the imports."""
+    _, changes = gen.generate((REPO / "dvc.yaml").read_text())
+    assert not changes, "stale code deps (run .venv/bin/python .ci/dvc_deps.py):\n" + "\n".join(changes)
 
 
 def test_some_stages_are_checked():
@@ -777,10 +599,10 @@ def test_analysis_refuses_what_it_cannot_trace(src, problem):
 
 
 def test_closure_follows_function_level_and_transitive_imports():
-    chains, problems = closure([f"{PKG}.evaluation.gate"])
+    chains, problems = closure([f"{PKG}.release.gate"])
     assert not problems
     # gate imports evaluate inside a function; evaluate -> checkpoint -> nets; every package on the way
-    assert chains[f"{PKG}.evaluation.evaluate"] == [f"{PKG}.evaluation.gate", f"{PKG}.evaluation.evaluate"]
+    assert chains[f"{PKG}.evaluation.evaluate"] == [f"{PKG}.release.gate", f"{PKG}.evaluation.evaluate"]
     assert chains[f"{PKG}.model.nets"][-2:] == [f"{PKG}.model.checkpoint", f"{PKG}.model.nets"]
     assert f"{PKG}.model" in chains and f"{PKG}.data" in chains
     assert PKG in chains and f"{PKG}.cli" not in chains

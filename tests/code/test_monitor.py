@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import monitorkit as mk
-from covid_cxr.orchestrate import drift, driftsamples, monitor
+from covid_cxr.serve.monitoring import drift, driftsamples, monitor
 from covid_cxr.cli import app
 
 N_REF, N_WIN = 1500, 600

@@ -25,6 +25,9 @@ DVC = Path(sys.executable).with_name("dvc")
 CLASSES = ("COVID", "Normal", "Viral Pneumonia")
 CURVES = {"train/loss": (1.2, 0.8, 0.6, 0.5, 0.45), "valid/loss": (1.0, 0.7, 0.6, 0.55, 0.5),
           "valid/accuracy": (0.6, 0.8, 0.9, 0.93, 0.95)}
+TITLES = {"train/loss": "Training loss per epoch", "valid/loss": "Validation loss per epoch",
+          "valid/accuracy": "Validation accuracy per epoch"}
+OUTCOMES = ("right", "referred", "wrong, not confident", "confidently wrong")
 SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
 
 
@@ -61,6 +64,10 @@ def sample_plots(root: Path) -> None:
     (d / "roc.csv").write_text("\n".join(rows) + "\n")
     (d / "confusion.csv").write_text("actual,predicted\n" + "".join(f"{c},{c}\n" for c in CLASSES * 3))
     (d / "reliability.csv").write_text("bin,lo,hi,confidence,accuracy,count\n0,0.5,0.75,0.6,0.5,4\n1,0.75,1.0,0.9,0.9,9\n")
+    # the external stage's outcomes, as external.outcome_shares writes them: each group adds up to 1
+    shares = {"tuberculosis": (0.0, 0.54, 0.07, 0.39), "unseen_hospital_normal": (0.22, 0.755, 0.015, 0.01)}
+    (d / "external.csv").write_text("group,outcome,rank,share\n" + "".join(
+        f"{g},\"{o}\",{j},{v}\n" for g, vals in shares.items() for j, (o, v) in enumerate(zip(OUTCOMES, vals))))
     # the train stage's DVCLive curves (artifacts/train/plots/metrics/<name>.tsv), five epochs
     live = root / "artifacts" / "train" / "plots" / "metrics"
     for name, values in CURVES.items():
@@ -129,7 +136,7 @@ def test_roc_is_drawn_per_class(rendered):
 def test_training_curves_are_plotted_per_epoch(rendered):
     specs = _specs(rendered.read_text(encoding="utf-8"))
     for name, values in CURVES.items():
-        [spec] = [s for s in specs if name in json.dumps(s.get("title")) or name in json.dumps(s.get("data", {}))]
+        [spec] = [s for s in specs if TITLES[name] in json.dumps(s.get("title"))]
         rows = [d for d in _values(spec) if "step" in d]
         assert [int(d["step"]) for d in rows] == list(range(len(values)))
         assert [float(d[name.split("/")[-1]]) for d in rows] == list(values)
@@ -147,6 +154,43 @@ def _values(spec: dict) -> list[dict]:
         elif isinstance(s, list):
             stack += s
     return out
+
+
+def _title(spec: dict) -> str:
+    t = spec.get("title")
+    return t.get("text", "") if isinstance(t, dict) else str(t or "")
+
+
+def test_no_title_is_a_file_path(rendered):
+    titles = [_title(s) for s in _specs(rendered.read_text(encoding="utf-8"))]
+    assert len(titles) >= 7 and all(titles), titles
+    assert not [t for t in titles if "/" in t or re.search(r"\.(csv|tsv|json)\b", t)], titles
+
+
+def test_no_stacked_share_is_above_one(rendered):
+    [ext] = [s for s in _specs(rendered.read_text(encoding="utf-8")) if "Outside the training sources" in _title(s)]
+    totals: dict = {}
+    for d in _values(ext):
+        totals[(d.get("rev"), d["group"])] = totals.get((d.get("rev"), d["group"]), 0.0) + float(d["share"])
+    assert totals and all(abs(v - 1.0) < 1e-6 for v in totals.values()), totals   # the whole group, no more
+    assert ext["spec"]["encoding"]["x"]["stack"] == "zero" and ext["spec"]["encoding"]["x"]["scale"]["domain"] == [0, 1]
+
+
+def test_the_confusion_matrix_shows_its_counts(rendered):
+    [cm] = [s for s in _specs(rendered.read_text(encoding="utf-8")) if "Confusion" in _title(s)]
+    text = [layer for layer in cm["spec"]["layer"] if (layer["mark"] if isinstance(layer["mark"], str)
+                                                       else layer["mark"]["type"]) == "text"]
+    assert text and text[0]["encoding"]["text"]["field"] == "films"
+    count = next(t for t in cm["spec"]["transform"] if "aggregate" in t)["aggregate"][0]
+    assert count == {"op": "count", "as": "films"}
+
+
+def test_the_reliability_diagram_has_its_diagonal(rendered):
+    [rel] = [s for s in _specs(rendered.read_text(encoding="utf-8")) if "Reliability" in _title(s)]
+    diag = [lay for lay in rel["layer"] if lay.get("data", {}).get("values") == [{"p": 0}, {"p": 1}]]
+    assert diag and diag[0]["encoding"]["x"]["field"] == diag[0]["encoding"]["y"]["field"] == "p"
+    points = rel["layer"][-1]["encoding"]
+    assert points["x"]["axis"]["tickCount"] <= 6 and points["y"]["axis"]["tickCount"] <= 6   # ticks that do not overlap
 
 
 def test_roc_template_is_referenced_by_the_roc_plot():
@@ -197,6 +241,6 @@ def test_page_draws_three_roc_lines_in_chromium_without_network(rendered, tmp_pa
 def test_page_draws_the_training_curves_in_chromium_without_network(rendered, tmp_path):
     """Each DVCLive curve (train loss, valid loss, valid accuracy) is a painted line."""
     for name in CURVES:
-        px = _shot(rendered, tmp_path, f"artifacts/train/plots/metrics/{name}.tsv")
+        px = _shot(rendered, tmp_path, TITLES[name])
         n = _count(px, "#945dd6")  # DVC's colour for the workspace revision
         assert n > 100, f"{name}: {n} pixels of line (nothing drawn?)"

@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 
 from covid_cxr.data import filestats, imagecheck, layouts, rules
 from covid_cxr.cli import app
+from covid_cxr.config import load_params
+REPO = Path(__file__).resolve().parents[2]
 from covid_cxr.data.preprocess import load_gray
 
-LIMITS = rules.Limits()
+LIMITS = rules.Limits.from_params(load_params(REPO / "params.yaml"))
 SECRETS = (fx.FAKE_PATIENT_NAME, fx.FAKE_PATIENT_ID, "Testpatient", "PID-4242")
 
 

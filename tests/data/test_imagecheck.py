@@ -2,6 +2,7 @@
 rejection reason, layouts, report, cache and the `data check` CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,9 +14,12 @@ from typer.testing import CliRunner
 
 from covid_cxr.config import KAGGLE_ROOT
 from covid_cxr.data import filestats, fingerprint, imagecheck, pool, rules, samefilm
+from covid_cxr.hashing import sha256_file
 from covid_cxr.cli import app
+from covid_cxr.config import load_params
+REPO = Path(__file__).resolve().parents[2]
 
-LIMITS = rules.Limits()  # params.yaml defaults: 64..4096 px, modes L/I;16/I/RGB, 4 bits
+LIMITS = rules.Limits.from_params(load_params(REPO / "params.yaml"))  # 64..4096 px, modes L/I;16/I/RGB, 4 bits
 
 
 def reason_of(path: Path) -> str:
@@ -84,7 +88,7 @@ def test_mode_outside_validate_modes(tmp_path):
     r = rules.check_file(fx.la_png(tmp_path / "la.png"), LIMITS)
     assert r["reason"] == "bad_mode" and "LA" in r["message"]
     # and the same file passes when the params allow the mode
-    assert rules.check_file(tmp_path / "la.png", rules.Limits(modes=("L", "LA")))["accepted"]
+    assert rules.check_file(tmp_path / "la.png", dataclasses.replace(LIMITS, modes=("L", "LA")))["accepted"]
 
 
 def test_colour_photo_is_not_an_xray(tmp_path):
@@ -296,7 +300,7 @@ def test_data_index_cache_is_reused_and_invalidated(data_dir, monkeypatch):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
     idx = imagecheck.DataIndex.build(data_dir, LIMITS)
     assert calls == ["COVID-0.png"]
-    assert filestats.sha256_file(f) in idx.by_sha
+    assert sha256_file(f) in idx.by_sha
 
 
 # --------------------------------------------------------------------------- CLI
@@ -369,5 +373,44 @@ def test_compute_stats_never_forks_a_threaded_process(tmp_path, monkeypatch):
     monkeypatch.setattr(pool.threading, "active_count", lambda: 3)  # e.g. inside a Prefect worker
     monkeypatch.setattr(pool, "ProcessPoolExecutor", lambda *a, **k: pytest.fail("forked from a threaded process"))
     assert [s["sha256"] for s in filestats.compute_stats(files, LIMITS.max_pixels, workers=4)] == [
-        filestats.sha256_file(f) for f in files
+        sha256_file(f) for f in files
     ]
+
+
+def test_no_library_warning_reaches_the_output(tmp_path):
+    """Odd but readable files (a palette PNG whose transparency is bytes, a JPEG with a broken EXIF
+    block) make Pillow warn; `data check` and `predict` print their own verdicts, not library warnings."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    batch = tmp_path / "batch" / "Normal"
+    batch.mkdir(parents=True)
+    pal = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (96, 1))).convert("P")
+    pal.info["transparency"] = bytes(range(256))
+    pal.save(batch / "palette.png", transparency=bytes(range(256)))
+    with warnings_recorded() as w:
+        Image.open(batch / "palette.png").convert("RGB")
+    assert any("Transparency" in str(x.message) for x in w), "the fixture no longer makes Pillow warn"
+    exe = Path(sys.executable).parent / "covid-cxr"
+    r = subprocess.run([str(exe), "data", "check", str(tmp_path / "batch")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert "palette.png" in r.stdout + r.stderr
+    assert "Warning" not in r.stderr and "warn" not in r.stderr.lower(), r.stderr
+
+
+def warnings_recorded():
+    import warnings
+
+    cm = warnings.catch_warnings(record=True)
+    w = cm.__enter__()
+    warnings.simplefilter("always")
+
+    class _Ctx:
+        def __enter__(self):
+            return w
+
+        def __exit__(self, *exc):
+            cm.__exit__(*exc)
+    return _Ctx()

@@ -320,3 +320,44 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.5):
 def failure_artifacts(url: str, flow_run_id: str) -> list[dict]:
     arts = api(url, "POST", "/artifacts/filter", {"flow_runs": {"id": {"any_": [str(flow_run_id)]}}})
     return [a for a in arts if a.get("type") == "markdown" and a.get("key") == "retrain-failure"]
+
+
+# ------------------------------------------------------------------------------------------------
+# prefect.yaml deployments (the project's one way to deploy) and a process worker
+# ------------------------------------------------------------------------------------------------
+POOL = "covid-cxr-process"
+
+
+def deploy_project(root: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """What the README tells an operator to run in a checkout: the work pool, `prefect deploy --all`
+    from prefect.yaml (copied into `root` with flows/, as a checkout has them), and a process worker
+    (returned; stop it with stop_group). `env` holds PREFECT_API_URL and the project's settings."""
+    shutil.copy2(MAIN / "prefect.yaml", root / "prefect.yaml")
+    if not (root / "flows").exists():
+        shutil.copytree(MAIN / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    prefect = str(VENV_BIN / "prefect")
+    env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+    r = subprocess.run([prefect, "work-pool", "create", POOL, "--type", "process"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 or "already exists" in r.stdout + r.stderr, r.stdout + r.stderr
+    sh([prefect, "--no-prompt", "deploy", "--all"], root, env=env, timeout=300)
+    log = open(log_path, "w")
+    return subprocess.Popen([prefect, "worker", "start", "--pool", POOL, "--type", "process"], cwd=root, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_deployment_now(url: str, name: str, parameters: dict | None = None) -> str:
+    """`prefect deployment run NAME` (as the README shows), through the API; -> the flow run id."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return str(run_deployment(name, parameters=parameters or {}, timeout=0, as_subflow=False).id)
+
+
+def wait_run(url: str, run_id: str, timeout: float = 600) -> dict:
+    def finished():
+        run = api(url, "GET", f"/flow_runs/{run_id}")
+        return run if run["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
+
+    return wait_for(finished, timeout, f"flow run {run_id} to finish", interval=2)

@@ -22,14 +22,18 @@ def proj(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text((mk.REPO / "params.yaml").read_text())
     mk.write_reference(tmp_path, mk.sample(N_REF, seed=1))
     monkeypatch.setenv("COVID_CXR_ROOT", str(tmp_path))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.delenv("COVID_CXR_PREDICTION_LOG", raising=False)
     return tmp_path
 
 
 def recent_log(proj, rows):
-    # records up to a minute ago: inside the default window (params.yaml monitor.window) of a run now
+    """Records up to a minute ago, where the service writes them by default (the run reads that path
+    on its own): inside the default window (params.yaml monitor.window) of a run now."""
+    from covid_cxr.serve.monitoring.predlog import configured_path
+
     now = dt.datetime.now(dt.timezone.utc)
-    return mk.write_log(proj / "logs" / "predictions.jsonl", rows, start=now - dt.timedelta(minutes=len(rows) + 1))
+    return mk.write_log(configured_path(), rows, start=now - dt.timedelta(minutes=len(rows) + 1))
 
 
 def artifacts(url: str, state) -> list[dict]:
@@ -76,11 +80,12 @@ def test_drift_fails_in_the_drift_state_an_automation_can_match(prefect_api, pro
                        "resource": {"id": [f"prefect.flow-run.{state.state_details.flow_run_id}"]}}}
     (ev,) = wait_for(lambda: api(prefect_api, "POST", "/events/filter", body)["events"], 60,
                      "the prefect.flow-run.Drift event")
-    # drift_trigger() matches it: the run's related flow is `monitor`
-    trig = monitor.drift_trigger()
-    assert ev["event"] in trig.expect
-    assert any(r.get("prefect.resource.role") == "flow" and r.get("prefect.resource.name") == "monitor"
-               for r in ev["related"])
+    # prefect.yaml's retrain-on-drift trigger (and the alert, covid-cxr alerts) match it
+    from covid_cxr.orchestrate.automations import drift_trigger_spec
+
+    trig = drift_trigger_spec(mk.REPO)
+    assert ev["event"] in trig["expect"]
+    assert any(all(r.get(k) == v for k, v in trig["match_related"].items()) for r in ev["related"])
 
 
 def test_too_few_records_is_inconclusive(prefect_api, proj):
@@ -103,15 +108,3 @@ def test_a_missing_reference_is_a_plain_failure(prefect_api, proj):
     assert state.is_failed() and state.name == "Failed" and "predictions.csv does not exist" in state.message
     (art,) = artifacts(prefect_api, state)
     assert "check FAILED" in art["data"]
-
-
-def test_deployment_spec_takes_the_cron_from_params(proj):
-    import monitor
-
-    assert monitor.default_cron(proj) == mk.monitor_params()["monitor"]["cron"]
-    spec = monitor.deployment_spec(monitor.default_cron(proj), since="24h", root=str(proj))
-    (sched,) = spec["schedules"]
-    assert sched.cron == mk.monitor_params()["monitor"]["cron"] and sched.timezone == "UTC"
-    assert spec["parameters"] == {"since": "24h", "log": None, "reference": None, "root": str(proj)}
-    dep = monitor.monitor.to_deployment(name="t", **spec)  # a valid deployment (not registered)
-    assert dep.parameters["since"] == "24h"

@@ -11,39 +11,39 @@ import pytest
 
 from covid_cxr.orchestrate import steps as orch
 
-from covid_cxr.orchestrate import shell
+from covid_cxr import runner, vcs
 
 
 def test_tool_env_adds_the_interpreter_bin_only_when_missing():
     bindir = str(Path(sys.executable).parent)
-    env = shell.tool_env({"PATH": "/usr/bin:/bin"})
+    env = runner.tool_env({"PATH": "/usr/bin:/bin"})
     assert env["PATH"].split(os.pathsep) == [bindir, "/usr/bin", "/bin"]
     fake_first = f"/tmp/fakes{os.pathsep}{bindir}{os.pathsep}/usr/bin"
-    assert shell.tool_env({"PATH": fake_first})["PATH"] == fake_first  # a fake placed before it still wins
+    assert runner.tool_env({"PATH": fake_first})["PATH"] == fake_first  # a fake placed before it still wins
 
 
 def test_run_streams_lines_and_reports_the_failing_command(tmp_path):
     seen = []
-    rc, tail = shell.run(["sh", "-c", "echo one; echo two"], tmp_path, log=seen.append)
+    rc, tail = runner.run(["sh", "-c", "echo one; echo two"], tmp_path, log=seen.append)
     assert rc == 0 and tail == ["one", "two"] and seen == ["one", "two"]
-    with pytest.raises(shell.CommandFailed) as e:
-        shell.run(["sh", "-c", "echo 'ERROR: remote unreachable' >&2; exit 3"], tmp_path)
+    with pytest.raises(runner.CommandFailed) as e:
+        runner.run(["sh", "-c", "echo 'ERROR: remote unreachable' >&2; exit 3"], tmp_path)
     assert e.value.returncode == 3 and "remote unreachable" in str(e.value) and "exited 3" in str(e.value)
-    with pytest.raises(shell.StepError, match="not found on PATH"):
-        shell.run(["no-such-tool-xyz"], tmp_path)
+    with pytest.raises(runner.StepError, match="not found on PATH"):
+        runner.run(["no-such-tool-xyz"], tmp_path)
 
 
 def test_run_sets_the_project_root_for_covid_cxr(tmp_path, monkeypatch):
     monkeypatch.setenv("COVID_CXR_ROOT", "/somewhere/else")
-    _, tail = shell.run(["sh", "-c", 'echo "$COVID_CXR_ROOT"'], tmp_path)
+    _, tail = runner.run(["sh", "-c", 'echo "$COVID_CXR_ROOT"'], tmp_path)
     assert tail == [str(tmp_path.resolve())]
 
 
 def test_run_timeout_kills_the_whole_process_tree(tmp_path):
     marker = tmp_path / "grandchild.pid"
     t0 = time.monotonic()
-    with pytest.raises(shell.StepError, match="ran past its 2s limit"):
-        shell.run(["sh", "-c", f"sleep 60 & echo $! > {marker}; wait"], tmp_path, timeout=2)
+    with pytest.raises(runner.StepError, match="ran past its 2s limit"):
+        runner.run(["sh", "-c", f"sleep 60 & echo $! > {marker}; wait"], tmp_path, timeout=2)
     assert time.monotonic() - t0 < 20
     pid = int(marker.read_text())
     gone = not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -53,11 +53,11 @@ def test_run_timeout_kills_the_whole_process_tree(tmp_path):
 def test_normalize_remote_keeps_names_and_urls_and_absolutises_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "remote-dir").mkdir()
-    assert shell.normalize_remote(None) is None
-    assert shell.normalize_remote("team") == "team"
-    assert shell.normalize_remote("s3://bucket/cxr") == "s3://bucket/cxr"
-    assert shell.normalize_remote("remote-dir") == str(tmp_path / "remote-dir")
-    assert shell.normalize_remote("../elsewhere") == str((tmp_path / "../elsewhere").resolve())
+    assert vcs.absolute(None) is None
+    assert vcs.absolute("team") == "team"
+    assert vcs.absolute("s3://bucket/cxr") == "s3://bucket/cxr"
+    assert vcs.absolute("remote-dir") == str(tmp_path / "remote-dir")
+    assert vcs.absolute("../elsewhere") == str((tmp_path / "../elsewhere").resolve())
 
 
 def test_same_as_champion_compares_weights_when_available(tmp_path):
@@ -93,7 +93,7 @@ def test_summary_of_a_failed_run_names_the_step_reason_and_unchanged_production(
 
 
 def test_git_commit_files_commits_only_those_files_and_only_when_changed(tmp_path):
-    git = lambda *a: shell.run(["git", *a], tmp_path)[1]  # noqa: E731
+    git = lambda *a: runner.run(["git", *a], tmp_path)[1]  # noqa: E731
     git("-c", "init.defaultBranch=main", "init", "-q")
     git("config", "user.email", "t@example.invalid")
     git("config", "user.name", "t")
@@ -101,12 +101,12 @@ def test_git_commit_files_commits_only_those_files_and_only_when_changed(tmp_pat
     (tmp_path / "other.txt").write_text("staged by somebody else")
     git("add", "other.txt")
 
-    sha = shell.git_commit_files(tmp_path, [tmp_path / "record.json", "absent.json"], "first")
+    sha = vcs.git_commit_files(tmp_path, [tmp_path / "record.json", "absent.json"], "first")
 
     assert sha and git("show", "--name-only", "--format=", "HEAD") == ["record.json"]
     assert git("diff", "--cached", "--name-only") == ["other.txt"]  # still staged, not committed
-    assert shell.git_commit_files(tmp_path, ["record.json"], "again") is None  # unchanged: no commit
-    assert shell.git_commit_files(tmp_path, ["absent.json"], "nothing") is None
+    assert vcs.git_commit_files(tmp_path, ["record.json"], "again") is None  # unchanged: no commit
+    assert vcs.git_commit_files(tmp_path, ["absent.json"], "nothing") is None
     (tmp_path / "record.json").write_text('{"bento": "b:1"}')
-    assert shell.git_commit_files(tmp_path, ["record.json"], "second") != sha
+    assert vcs.git_commit_files(tmp_path, ["record.json"], "second") != sha
     assert git("log", "--format=%s") == ["second", "first"]

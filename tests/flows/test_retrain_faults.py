@@ -15,13 +15,16 @@ import sys
 import time
 
 
+from covid_cxr import vcs
 from flowkit import (
     GOOD_METRICS,
     failure_artifacts,
     STRICT_GATE,
     MAIN,
+    VENV_BIN,
     flaky_dvc,
     make_batch,
+    sh,
     summary_artifacts,
     task_runs,
     tree_files,
@@ -235,7 +238,9 @@ def test_cli_runs_the_flow_once_and_pushes_to_a_remote_path(prefect_api, fake_pr
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "retrain: COMPLETED" in r.stdout
     assert (fake_project.root / ".dvc" / "config").read_text() == config  # committed config untouched
-    assert str(new_remote) in (fake_project.root / ".dvc" / "config.local").read_text()
-    assert "in sync" in fake_project.dvc("status", "-c", "-r", "retrain-flow", "data.dvc")
+    assert not (fake_project.root / ".dvc" / "config.local").exists()    # nor a local one written
+    with vcs.remote_args(str(new_remote)) as (args, extra):                # the data reached that remote
+        assert "in sync" in sh([str(VENV_BIN / "dvc"), "status", "-c", *args, "data.dvc"], fake_project.root,
+                               env={**fake_project.env, **extra})
     assert any(new_remote.rglob("*")) and fake_project.production.read_bytes() == champion
     assert all(names <= fake_project.images()[cls] for cls, names in good.items())

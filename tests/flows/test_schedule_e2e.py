@@ -1,8 +1,8 @@
 """Scheduled retraining against a REAL `prefect server start --host 127.0.0.1` (temp PREFECT_HOME).
 
-flows/deploy.py serves the deployment with its cron schedule; the test checks the server stored
-the schedule and created the upcoming Monday 03:00 runs, then triggers a run with
-`run_deployment` on a small temp project running the real chain (`covid-cxr` stages, smoke
+The project's prefect.yaml is deployed (`prefect deploy --all`) and run by a real process worker;
+the test checks the server stored the cron schedule and created the upcoming Monday 03:00 runs,
+then triggers runs of the deployment on a small temp project running the real chain (`covid-cxr` stages, smoke
 profile, 20 real images per class + an inbox holding a batch with broken files), and checks it
 Completed with its summary artifact and ledger entry; the next run (the batch renamed) says
 "nothing new" without retraining; a run with strict gate thresholds must fail and keep the champion.
@@ -13,8 +13,6 @@ import datetime as dt
 import json
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -25,17 +23,20 @@ from flowkit import (
     SMALL_PARAMS,
     STRICT_GATE,
     api,
+    deploy_project,
     make_batch,
     make_project,
+    run_deployment_now,
     stop_group,
     summary_artifacts,
     task_runs,
     wait_for,
+    wait_run,
 )
 
 pytestmark = pytest.mark.e2e
 
-DEPLOYMENT = "e2e-retrain"
+DEPLOYMENT = "retrain/weekly-retrain"   # prefect.yaml's
 
 
 @pytest.fixture(scope="module")
@@ -45,46 +46,26 @@ def real_project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(prefect_server, real_project):
-    """`python flows/deploy.py` (flow.serve) running against the server, for the project."""
+    """prefect.yaml deployed from the project's root, and a process worker running its runs."""
     env = {**real_project.env, **{k: v for k, v in prefect_server.items() if k.startswith("PREFECT_")}}
-    log_path = real_project.root.parent / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, str(MAIN / "flows" / "deploy.py"), "--name", DEPLOYMENT,
-         "--root", str(real_project.root), "--backoff-s", "0.5"],
-        cwd=MAIN, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    env.pop("COVID_CXR_ROOT", None)          # the runs find their project as deployed: their working directory
+    log_path = real_project.root.parent / "worker.log"
+    worker = deploy_project(real_project.root, env, log_path)
     url = prefect_server["PREFECT_API_URL"]
-
-    def registered():
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            return api(url, "GET", f"/deployments/name/retrain/{DEPLOYMENT}")
-        except Exception:
-            return None
-
     try:
-        dep = wait_for(registered, 120, "flows/deploy.py to register the deployment", interval=1)
-        yield {"url": url, "deployment": dep, "log": log_path, "env": env, "pid": proc.pid}
+        dep = api(url, "GET", f"/deployments/name/{DEPLOYMENT}")
+        yield {"url": url, "deployment": dep, "log": log_path, "env": env, "pid": worker.pid}
     finally:
-        stop_group(proc, signal.SIGINT, 30)  # Ctrl-C: the runner pauses the schedule and exits
-        log.close()
+        stop_group(worker, signal.SIGTERM, 30)
 
 
 def _trigger(url: str, parameters: dict) -> str:
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        return str(run_deployment(f"retrain/{DEPLOYMENT}", parameters=parameters, timeout=0, as_subflow=False).id)
+    """A run of the deployment; its prefect.yaml inbox (../shared/incoming) only when the test gives one."""
+    return run_deployment_now(url, DEPLOYMENT, {"inbox": None, **parameters})
 
 
 def _wait(url: str, run_id: str, timeout: float = 600) -> dict:
-    def finished():
-        run = api(url, "GET", f"/flow_runs/{run_id}")
-        return run if run["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
-
-    return wait_for(finished, timeout, f"flow run {run_id} to finish", interval=2)
+    return wait_run(url, run_id, timeout)
 
 
 def _run(url: str, parameters: dict, timeout: float = 600) -> dict:
@@ -92,10 +73,11 @@ def _run(url: str, parameters: dict, timeout: float = 600) -> dict:
 
 
 def test_deployment_is_stored_with_its_cron_schedule(served):
-    cron = yaml.safe_load((MAIN / "params.yaml").read_text())["schedule"]["cron"]
+    (spec,) = [d for d in yaml.safe_load((MAIN / "prefect.yaml").read_text())["deployments"]
+               if d["name"] == "weekly-retrain"]
+    cron = spec["schedules"][0]["cron"]
     (sched,) = served["deployment"]["schedules"]
     assert sched["schedule"]["cron"] == cron and sched["active"] is True
-    assert served["deployment"]["parameters"]["root"]
 
     # the server's scheduler turns it into upcoming runs at the cron times
     dep_id = served["deployment"]["id"]
@@ -202,7 +184,7 @@ def test_run_killed_during_training_completes_when_rerun(served, real_project, t
 
     run_id = _trigger(served["url"], {"incoming": [str(batch)]})
     trainer = wait_for(training, 300, "the served run to start training", interval=0.2)
-    # the flow-run process is the served runner's child that (indirectly) started the training
+    # the flow-run process is the worker's child that (indirectly) started the training
     flow_proc = next(p for p in [trainer, *trainer.parents()] if p.ppid() == served["pid"])
     victims = [flow_proc, *flow_proc.children(recursive=True)]
     assert trainer in victims and trainer.is_running()

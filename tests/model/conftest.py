@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +26,11 @@ def _tiny_project(root: Path, shared: Path) -> Path:
                 dst = root / "data" / "COVID-19_Radiography_Dataset" / cls / "images" / f.name
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(f, dst)
+                with Image.open(dst) as im:   # the columns `prepare` writes that later stages read
+                    w, h, mode = im.width, im.height, im.mode
                 rows.append({"path": dst.relative_to(root).as_posix(), "label": cls, "split": split,
-                             "sha256": hashlib.sha256(dst.read_bytes()).hexdigest()})
+                             "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(), "width": w, "height": h,
+                             "mode": mode})
     (root / "artifacts" / "data").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(root / "artifacts" / "data" / "manifest.csv", index=False)
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from covid_cxr.model.calibration import Calibration, fit_calibration
+from covid_cxr.model.modelmeta import migrate
 
 
 def _nll(cal: Calibration, z, y) -> float:
@@ -58,7 +59,7 @@ def test_offsets_stay_finite_and_no_worse_on_near_flat_logits():
 def test_meta_round_trip_and_models_saved_before_offsets():
     cal = Calibration(0.41, (1.1, -0.2, -0.9))
     assert Calibration.from_meta(cal.to_meta()) == cal
-    old = Calibration.from_meta({"temperature": 0.5})       # a model.json from before class_bias
+    old = Calibration.from_meta(migrate({"temperature": 0.5}))   # a model.json from before class_bias
     assert old.bias is None
     z = np.array([[1.0, 2.0, 0.0]], dtype=np.float32)
     np.testing.assert_allclose(old.probs(z), torch.softmax(torch.tensor(z) / 0.5, 1).numpy(), rtol=1e-6)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from covid_cxr.config import CLASSES
-from covid_cxr.model.cleanhead import FILE, CleanHead, fit_clean_head, mix
+from covid_cxr.model.cleanhead import CleanHead, fit_clean_head, mix
+from covid_cxr.model.modelmeta import CLEAN_HEAD as FILE, migrate
 
 
 def _blobs(n_train: int, n_valid: int, d: int = 20, seed: int = 0, noise: int = 0):
@@ -93,6 +94,7 @@ def test_the_inputs_travel_with_the_head_and_old_files_read_pooled_features():
     c, st = torch.randn(2, 5), torch.randn(2, 2)
     np.testing.assert_allclose(again.probs(c, st), head.probs(c, st))
     old = {k: v for k, v in desc.items() if k != "inputs"}                # a model.json from before `inputs`
+    old = migrate({"clean_head": old})["clean_head"]
     assert CleanHead.from_tensors({"weight": torch.randn(3, 5), "bias": b}, old).inputs == ("content",)
     with pytest.raises(ValueError, match="inputs"):
         CleanHead.from_tensors(head.tensors(), {**desc, "inputs": ["pixels"]})

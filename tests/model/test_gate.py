@@ -4,7 +4,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from covid_cxr.evaluation.gate import decide
+from covid_cxr.release.gate import decide
 
 GATE = {"min_accuracy": 0.97, "min_macro_f1": 0.97, "min_covid_recall": 0.97, "max_ece": 0.03,
         "champion_tolerance": 0.005}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import shutil
 import sys
 import zipfile
@@ -286,11 +288,18 @@ def test_results_csv_is_one_write_per_batch(tmp_path):
 
 
 def test_resolve_model(tmp_path, model_dir, monkeypatch):
+    from covid_cxr.model.modelmeta import model_id
+
     d, tag = resolve_model(str(model_dir))
-    assert d == model_dir.resolve() and tag == f"dir:{model_dir.resolve()}"
+    assert d == model_dir.resolve() and tag == f"dir:{model_id(model_dir)}"   # what the service logs too
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
-    with pytest.raises(PredictError, match="neither a model directory nor in the BentoML model store"):
+    with pytest.raises(PredictError, match="not in the BentoML model store.*pull-production"):
         resolve_model("covid_cxr:doesnotexist")
+    # a path is never read as a tag: no BentoML naming rules in the answer
+    for spec, why in ((tmp_path / "gone", "no such model directory"), (tmp_path, "is not a model directory")):
+        with pytest.raises(PredictError, match=why) as e:
+            resolve_model(str(spec))
+        assert "tag name" not in str(e.value).lower() and "lowercase" not in str(e.value).lower()
     from covid_cxr.config import Paths
 
     (tmp_path / "proj").mkdir()
@@ -302,12 +311,21 @@ def test_cli(tmp_path, flat, model_dir):
     """The console command end to end: summary on stderr, progress readable in a log."""
     import subprocess
 
+    from covid_cxr.model.modelmeta import model_id
+
     from svckit import VENV_BIN
 
     out = tmp_path / "cli.csv"
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     r = subprocess.run([str(VENV_BIN / "covid-cxr"), "predict", str(flat), "--model", str(model_dir), "--out", str(out),
-                        "--batch-size", "4", "--threads", "1"], capture_output=True, text=True, timeout=300)
+                        "--batch-size", "4", "--threads", "1"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr and "⏱" in r.stderr.splitlines()[-1]   # no library warnings; done
+    # each scored film went to the prediction log, where the service writes it (the model named, no Bento)
+    logged = [json.loads(x) for x in (tmp_path / "state" / "covid-cxr" / "predictions.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 * PER_CLASS and {r_["model"] for r_ in logged} == {f"dir:{model_id(model_dir)}"}
+    assert all(r_["bento"] is None and r_["sha256"] for r_ in logged)
     assert "\r" not in r.stderr                               # not a terminal: plain lines
     assert "predict: 100%" in r.stderr and "images/s" in r.stderr
     assert f"Scored {3 * PER_CLASS} of {3 * PER_CLASS + 1} files" in r.stderr
@@ -319,5 +337,15 @@ def test_cli(tmp_path, flat, model_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     r = subprocess.run([str(VENV_BIN / "covid-cxr"), "predict", str(empty), "--model", str(model_dir),
-                        "--out", str(tmp_path / "e.csv")], capture_output=True, text=True, timeout=120)
+                        "--out", str(tmp_path / "e.csv")], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and "no image files found" in r.stderr
+    # files, but none could be scored: the job did not do its work
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.png").write_text("not an image\n")
+    (junk / "empty.png").write_bytes(b"")
+    r = subprocess.run([str(VENV_BIN / "covid-cxr"), "predict", str(junk), "--model", str(model_dir), "--no-log"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 1 and "none of the 2 files could be scored" in r.stderr
+    assert "⏱" not in r.stderr and r.stdout.startswith("path,")              # the CSV still says why, row by row
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["cli.csv"]       # nothing written in the cwd

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from covid_cxr.evaluation.external import NONE, group_summary
-from covid_cxr.evaluation.gate import decide
-from covid_cxr.model.checkpoint import Novelty
+from covid_cxr.release.gate import decide
+from covid_cxr.model.modelmeta import migrate
+from covid_cxr.model.novelty import Novelty
 from covid_cxr.model.verdict import Policy, decide as verdict, fit_min_confidence
 
 P = np.array([[0.98, 0.01, 0.01], [0.5, 0.3, 0.2], [0.97, 0.02, 0.01], [0.9, 0.05, 0.05]])
@@ -205,7 +206,8 @@ def test_summed_parts_add_up_evidence_that_the_largest_part_alone_misses():
     # the rule travels with the model; files saved before it existed load as max
     again = Novelty.from_tensors(sm.tensors(), sm.describe())
     torch.testing.assert_close(again.score(vc, vs), sm.score(vc, vs))
-    old = {k: v for k, v in mx.describe().items() if k != "combine"}
+    old = {k: v for k, v in mx.describe().items() if k != "combine"}   # a model.json from before `combine`
+    old = migrate({"ood": old, "verdict": {"min_confidence": 0.1}})["ood"]
     torch.testing.assert_close(Novelty.from_tensors(mx.tensors(), old).score(vc, vs), mx.score(vc, vs))
     with pytest.raises(ValueError, match="verdict.combine"):
         fit("mean")

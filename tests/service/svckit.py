@@ -23,6 +23,7 @@ def base_env(bentoml_home: Path, root: Path) -> dict[str, str]:
     env.update({
         "BENTOML_HOME": str(bentoml_home),
         "BENTOML_DO_NOT_TRACK": "true",
+        "XDG_STATE_HOME": str(bentoml_home.parent / "state"),   # the prediction log's default home
         "COVID_CXR_ROOT": str(root),
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
     })
@@ -32,3 +33,8 @@ def base_env(bentoml_home: Path, root: Path) -> dict[str, str]:
 def run_cli(args: list[str], root: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "covid-cxr"), *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def prediction_log(env: dict[str, str]) -> Path:
+    """Where a service started with `env` writes its prediction log by default."""
+    return Path(env["XDG_STATE_HOME"]) / "covid-cxr" / "predictions.jsonl"

@@ -51,6 +51,8 @@ def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12,
         "image_size": image_size,
         "normalize": {"mean": list(models.IMAGENET.mean), "std": list(models.IMAGENET.std)},
         "temperature": 1.5,
+        "class_bias": None,
+        "verdict": {"min_confidence": 0.0},
     }
     lm = model_io.LoadedModel(net=net, meta=meta, channels_last=False)
     with torch.no_grad():
@@ -119,6 +121,10 @@ def write_project(root: Path, model_src: Path | None = None, passed: bool = True
         shutil.copytree(model_src, dst)
     m = metrics(**metric_kw)
     (root / "artifacts" / "eval" / "metrics.json").write_text(json.dumps(m, indent=2))
+    # evaluate's test-split answers: packaged with the model as the monitor's reference
+    (root / "artifacts" / "eval" / "predictions.csv").write_text(
+        "path,label,pred,p_COVID,p_Normal,p_Viral Pneumonia,novelty,verdict,reason,width,height,mode\n"
+        + "".join(f"data/{c}/{i}.png,{c},{c},0.9,0.05,0.05,0.5,ok,,256,256,L\n" for i, c in enumerate(CLASSES)))
     gate = {"passed": passed, "reasons": [] if passed else ["accuracy 0.5000 < 0.97"], "metrics": m, "champion": None}
     (root / "artifacts" / "gate.json").write_text(json.dumps(gate, indent=2))
     return root

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from covid_cxr.config import CLASSES
+from svckit import prediction_log
 
 pytestmark = pytest.mark.e2e
 
@@ -170,9 +172,11 @@ def test_metadata_describes_the_packaged_model(server, api):
     model_json = json.loads((server.model_dir / "model.json").read_text())
     metrics = json.loads((server.root / "artifacts" / "eval" / "metrics.json").read_text())
     assert md["model"] == server.model
+    assert md["bento"] == server.bento and md["production"] is True    # `covid-cxr serve` serves production
     assert md["classes"] == list(CLASSES)
     assert md["data_version"] == model_json["data_md5"]
-    assert md["git_sha"] == model_json["git_sha"]
+    history = subprocess.run(["git", "rev-list", "HEAD"], cwd=server.root, capture_output=True, text=True).stdout
+    assert md["git_sha"] in history.split()      # the commit it was packaged at (a label of the stored model)
     assert md["image_size"] == model_json["image_size"] == 96
     assert md["temperature"] == pytest.approx(model_json["temperature"])
     for k in ("accuracy", "macro_f1", "covid_recall"):
@@ -220,7 +224,7 @@ def test_every_prediction_is_logged_without_pixels_or_names(server, api, train_i
     """The served Bento appends one whitelisted JSON line per prediction (predlog.py)."""
     import time as _t
 
-    log = server.root / "logs" / "predictions.jsonl"
+    log = prediction_log(server.env)    # the one default location, outside the project and the Bento
     before = len(log.read_text().splitlines()) if log.exists() else 0
     r = post_image(api, train_images[2])
     assert r.status_code == 200
@@ -233,6 +237,7 @@ def test_every_prediction_is_logged_without_pixels_or_names(server, api, train_i
     rec = json.loads(lines[-1])
     res = r.json()
     assert rec["label"] == res["label"] and rec["verdict"] == res["verdict"] and rec["model"] == server.model
+    assert rec["bento"] == server.bento
     assert rec["format"] == "PNG" and rec["width"] > 0 and len(rec["sha256"]) == 64
     import hashlib
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import shutil
 from pathlib import Path
 
@@ -85,18 +86,23 @@ def store_listing(home: Path) -> list[str]:
 @pytest.mark.e2e
 def test_package_builds_a_bento_pinned_to_the_model(packaged, bentoml_home, test_model_dir):
     rec = packaged["record"]
-    for k in ("bento", "model", "model_path", "metrics", "data_md5", "git_sha", "params_hash"):
+    for k in ("bento", "model", "metrics", "data_md5", "params_hash"):
         assert rec.get(k), k
+    # a pure function of its inputs: no time, no commit, no path of this machine
+    assert not {"built_at", "git_sha", "model_path"} & set(rec)
+    assert not [v for v in rec.values() if isinstance(v, str) and str(bentoml_home) in v]
     meta = json.loads((test_model_dir / "model.json").read_text())
     name, ver = rec["model"].split(":")
     model_dir = bentoml_home / "models" / name / ver
     my = yaml.safe_load((model_dir / "model.yaml").read_text())
     assert my["labels"]["gate"] == "passed"
     assert my["labels"]["data_md5"] == meta["data_md5"]
-    assert my["labels"]["git_sha"] == meta["git_sha"]
+    history = subprocess.run(["git", "rev-list", "HEAD"], cwd=packaged["root"], capture_output=True, text=True)
+    assert my["labels"]["git_sha"] in history.stdout.split()   # provenance as a label of the stored model
     assert my["labels"]["params_hash"] == rec["params_hash"]
     assert my["metadata"]["metrics"]["accuracy"] == pytest.approx(rec["metrics"]["accuracy"])
-    for f in ("model.safetensors", "model.json", "ood.safetensors", "clean_head.safetensors", "metrics.json", "gate.json"):
+    for f in ("model.safetensors", "model.json", "ood.safetensors", "clean_head.safetensors", "metrics.json", "gate.json",
+              "reference.csv"):
         assert (model_dir / f).is_file(), f
     assert (model_dir / "model.safetensors").read_bytes() == (test_model_dir / "model.safetensors").read_bytes()
 
@@ -167,7 +173,10 @@ def test_serve_with_a_missing_bento_or_model_dir_says_so(tmp_path):
     r = run_cli(["serve", "--port", "3999"], tmp_path, env, timeout=120)
     assert r.returncode == 1 and "not in the BentoML store" in r.stderr and "covid-cxr pull-production" in r.stderr
     r = run_cli(["serve", "--model-dir", str(tmp_path)], tmp_path, env, timeout=60)
-    assert r.returncode == 1 and "no model.json" in r.stderr
+    assert r.returncode == 1 and "not a model directory (no model.json)" in r.stderr and "train first" not in r.stderr
+    r = run_cli(["serve", "--model-dir", str(tmp_path / "gone")], tmp_path, env, timeout=60)
+    assert r.returncode == 1 and "no such directory" in r.stderr
+    assert "⏱" not in r.stderr           # no timing line after an error
 
 
 def test_promotion_compares_with_the_gates_rescored_champion(tmp_path):

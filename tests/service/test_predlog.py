@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_cxr.serve import predlog, predrecord
-from covid_cxr.serve.predlog import NullPredictionLog, PredictionLog
-from covid_cxr.serve.predrecord import FIELDS
+from covid_cxr.serve.monitoring import predlog, predrecord
+from covid_cxr.serve.monitoring.predlog import NullPredictionLog, PredictionLog
+from covid_cxr.serve.monitoring.predrecord import FIELDS
 
 GOOD = {
     "request_id": uuid.uuid4().hex,
@@ -113,11 +113,15 @@ def test_bad_probabilities_are_cut_to_known_classes():
 
 
 def test_from_env_default_path_and_off(tmp_path, monkeypatch):
-    monkeypatch.setenv("COVID_CXR_ROOT", str(tmp_path))
+    """One default, whatever folder or project a process runs in: the per-user state directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("COVID_CXR_ROOT", str(tmp_path / "some-project"))   # the project plays no part
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(predlog.ENV_PATH, raising=False)
     log = PredictionLog.from_env()
     try:
-        assert log.enabled and log.path == tmp_path / "logs" / "predictions.jsonl"
+        assert log.enabled and log.path == tmp_path / "state" / "covid-cxr" / "predictions.jsonl"
+        assert predlog.configured_path() == log.path
         assert log.max_bytes == 50 * 2**20 and log.backups == 5
     finally:
         log.close()
@@ -169,7 +173,7 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path, caplog, monkey
 
     monkeypatch.setattr(PredictionLog, "_append", stuck)
     log = PredictionLog(tmp_path / "p.jsonl", queue_size=5, batch=1)
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.predlog"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.monitoring.predlog"):
         t0 = time.perf_counter()
         ok = [log.write(GOOD) for _ in range(100)]
         dt = time.perf_counter() - t0
@@ -196,7 +200,7 @@ def test_disk_full_is_logged_once_and_predictions_go_on(tmp_path, caplog, monkey
         real(self, data)
 
     monkeypatch.setattr(PredictionLog, "_write", enospc)
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.predlog"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.monitoring.predlog"):
         for _ in range(20):
             assert log.write(GOOD) is True  # never raises, never refuses
         assert log.flush(10)
@@ -217,7 +221,7 @@ def test_disk_full_is_logged_once_and_predictions_go_on(tmp_path, caplog, monkey
 def test_an_unwritable_location_is_logged_once_never_raised(tmp_path, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the log folder should be")
-    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.predlog"):
+    with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.monitoring.predlog"):
         log = PredictionLog(blocker / "logs" / "p.jsonl", batch=1)
         for _ in range(5):
             assert log.write(GOOD)
@@ -269,21 +273,6 @@ def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path):
         log.write(GOOD)
     recs = list(predrecord.read_records(p))
     assert len(recs) == 2
-
-
-def test_describe_upload(tmp_path):
-    p = tmp_path / "scan.png"
-    Image.fromarray(np.zeros((30, 40), np.uint16)).save(p)
-    info = predrecord.describe_upload(p)
-    import hashlib
-
-    assert info == {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "width": 40, "height": 30,
-                    "mode": "I;16", "format": "PNG"}
-    (tmp_path / "notes.txt").write_text("hello")
-    info = predrecord.describe_upload(tmp_path / "notes.txt")
-    assert info["width"] is None and len(info["sha256"]) == 64
-    out, _ = predrecord.sanitize({**GOOD, **predrecord.describe_upload(p)})
-    assert out["mode"] == "I;16" and out["width"] == 40
 
 
 def test_an_unexpected_writer_error_does_not_stop_the_writer(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,8 +56,10 @@ def test_dvc_builds_but_never_promotes_promote_decides_rollback_restores(service
     export = root / prod()["export"]
     assert export.is_file() and (root / (prod()["export"] + ".dvc")).is_file()
     assert git("rev-parse", "HEAD^") == head and git("log", "-1", "--format=%s").startswith(f"promote {a['bento']}")
+    # the record, the export's .dvc file, and dvc.lock of the run that built it (its outputs were pushed too)
     assert sorted(git("show", "--name-only", "--format=", "HEAD").split()) == sorted(
-        ["registry/production.json", prod()["export"] + ".dvc", "registry/bentos/.gitignore"])
+        ["registry/production.json", prod()["export"] + ".dvc", "registry/bentos/.gitignore", "dvc.lock"])
+    assert Path(prod()["remote"]).resolve() == remote.resolve()   # where another clone fetches it
     assert "in sync" in dvc("status", "-c", prod()["export"] + ".dvc").stdout.lower()
     assert any(p.is_file() for p in remote.rglob("*"))
 

@@ -24,7 +24,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from covid_cxr.config import KAGGLE_ROOT, load_params, project_root
-from covid_cxr.data.filestats import StatsCache, default_cache_dir, sha256_file
+from covid_cxr.data.filestats import StatsCache, default_cache_dir
+from covid_cxr.hashing import sha256_file
 from covid_cxr.data.imagecheck import check_batch
 from covid_cxr.data.layouts import scan_source, skip_kind, skipped_line
 from covid_cxr.data.rules import Limits

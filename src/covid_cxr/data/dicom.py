@@ -5,11 +5,8 @@
 
 What is accepted
 ----------------
-- Detection is by content, never by file name (uploads and `file_stats` hand over bytes only):
-  a Part 10 file has `DICM` at byte 128. A *preamble-less* dataset (no 128-byte preamble, no
-  `DICM`: what some older PACS exports and `dcmwrite(enforce_file_format=False)` write) is
-  accepted too when its first element is a group 0002 or 0008 tag followed by a plausible VR or
-  length; it is then read with `force=True` and must still carry an image (Rows, Columns, Pixel
+- Detection is by content, never by file name (data/dicomsniff.py): a Part 10 file, or a
+  *preamble-less* dataset, which is then read with `force=True` and must still carry an image (Rows, Columns, Pixel
   Data) or it is `not_an_image`. No Pillow format starts with those bytes, so the sniff never
   steals a PNG/JPEG/... from Pillow.
 - Modality CR, DX or RG (the projection-radiograph modalities of the standard) and DR (not a
@@ -65,6 +62,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from covid_cxr.data.dicomsniff import has_preamble, is_raw_dataset
 from covid_cxr.data.errors import ImageError
 
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
@@ -74,11 +72,6 @@ _LATERAL_MEANING = re.compile(r"^\s*((left|right)[\s-]+)?lateral\s*$", re.IGNORE
 
 _CS = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # DICOM code string: nothing else is ever echoed
 _UID = re.compile(r"^[0-9.]{1,64}$")
-# Explicit VRs a preamble-less dataset's first element may carry.
-_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD",
-        b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
-        b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
-
 # The elements read (`specific_tags`); group 0028 (Image Pixel, Modality LUT, VOI LUT) is added.
 _TAGS = [
     0x00080005,  # SpecificCharacterSet
@@ -123,29 +116,6 @@ def _tags() -> list[int]:
     from pydicom.datadict import DicomDictionary
 
     return sorted(set(_TAGS) | {k for k, v in DicomDictionary.items() if k >> 16 == 0x0028 and v[3] == ""})
-
-
-# --------------------------------------------------------------------------- detection
-
-
-def has_preamble(data: bytes) -> bool:
-    """A DICOM Part 10 file: 128-byte preamble, then `DICM`."""
-    return len(data) >= 132 and data[128:132] == b"DICM"
-
-
-def is_raw_dataset(data: bytes) -> bool:
-    """A preamble-less DICOM dataset: starts with a group 0002/0008 element (either byte order),
-    followed by an explicit VR or a plausible implicit-VR length."""
-    if len(data) < 12 or data[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):
-        return False
-    if data[4:6] in _VRS:
-        return True
-    n = int.from_bytes(data[4:8], "little" if data[0] else "big")
-    return n < min(len(data), 1 << 16) and int.from_bytes(data[2:4], "little" if data[0] else "big") < 0x2000
-
-
-def is_dicom(data: bytes) -> bool:
-    return has_preamble(data) or is_raw_dataset(data)
 
 
 # --------------------------------------------------------------------------- safe element access

@@ -27,14 +27,6 @@ from covid_cxr.data.xrayrule import colourfulness, thumbnail
 STATS_VERSION = 2
 
 
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 STAT_KEYS = (
     "bytes", "sha256", "width", "height", "mode", "format", "dhash", "thumb", "colour", "std", "error", "error_message",
 )
@@ -68,14 +60,15 @@ def file_stats(path: Path | str, max_pixels: int) -> dict[str, Any]:
 def _code_digest() -> str:
     """Digest of the code that produces stats: edits invalidate the cache.
 
-    This module, the fingerprint, the decode path (preprocess, dicom, errors: the error codes and
-    messages are stats too) and xrayrule (thumbnail, colourfulness). Not rules.py: `judge` runs on
-    the cached stats.
+    This module, the fingerprint, the decode path (preprocess, dicomsniff, dicom, errors: the error
+    codes and messages are stats too) and xrayrule (thumbnail, colourfulness). Not rules.py: `judge`
+    runs on the cached stats.
     """
-    from covid_cxr.data import dicom, errors, fingerprint, preprocess, xrayrule
+    from covid_cxr.data import dicom, dicomsniff, errors, fingerprint, preprocess, xrayrule
 
     h = hashlib.sha256(f"{STATS_VERSION}".encode())
-    for mod in (__file__, fingerprint.__file__, preprocess.__file__, dicom.__file__, xrayrule.__file__, errors.__file__):
+    for mod in (__file__, fingerprint.__file__, preprocess.__file__, dicomsniff.__file__, dicom.__file__,
+                xrayrule.__file__, errors.__file__):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()[:16]
 

@@ -18,10 +18,15 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from covid_cxr.data.dicom import is_dicom, open_dicom
+from covid_cxr.data.dicomsniff import is_dicom
 from covid_cxr.data.errors import ImageError  # noqa: F401 - callers catch preprocess.ImageError
 
 Source = Union[bytes, bytearray, str, Path, BinaryIO]
+
+# Pillow warns about odd but readable files (bytes-transparency palettes, corrupt EXIF, malformed
+# MPO): the checks here decide what an input is worth, and a warning in a user's output says nothing
+# they can act on. Process-wide (thread-safe, unlike catch_warnings), and only for Pillow's modules.
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 # Default guards; serving makes them configurable (env vars, see service.py).
 MAX_PIXELS = 100_000_000          # decompression-bomb guard (Pillow only warns below ~179 MP)
@@ -38,7 +43,7 @@ class Norm:
     std: tuple[float, float, float]
 
 
-def _read_bytes(src: Source) -> bytes:
+def read_bytes(src: Source) -> bytes:
     if isinstance(src, (bytes, bytearray)):
         return bytes(src)
     if isinstance(src, (str, Path)):
@@ -53,10 +58,12 @@ def open_image(src: Source, max_pixels: int = MAX_PIXELS) -> Image.Image:
     Applies the EXIF orientation so rotated phone/JPEG exports come out upright.
     DICOM (by content, not name) goes through `covid_cxr.data.dicom.open_dicom`.
     """
-    data = _read_bytes(src)
+    data = read_bytes(src)
     if len(data) == 0:
         raise ImageError("empty", "the file is empty (0 bytes)")
     if is_dicom(data):
+        from covid_cxr.data.dicom import open_dicom   # pydicom only for DICOM files (dicomsniff.py)
+
         return open_dicom(data, max_pixels)
     try:
         with warnings.catch_warnings():

@@ -36,11 +36,14 @@ REASONS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Limits:
-    min_side: int = 64
-    max_side: int = 4096
-    modes: tuple[str, ...] = ("L", "I;16", "I", "RGB")
-    near_dup_bits: int = 4
-    near_dup_corr: float = 0.85
+    """The data rules' limits: params.yaml `validate` (sides, modes) and `prepare` (near-duplicates);
+    the not-an-X-ray thresholds are xrayrule.py's, shared with serving."""
+
+    min_side: int
+    max_side: int
+    modes: tuple[str, ...]
+    near_dup_bits: int
+    near_dup_corr: float
     colour_max: float = COLOUR_MAX
     blank_std_min: float = BLANK_STD_MIN
 
@@ -51,19 +54,12 @@ class Limits:
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None = None) -> "Limits":
+        """From params.yaml (the project's, when `params` is None)."""
         if params is None:
-            p = project_root() / "params.yaml"
-            params = load_params(p) if p.exists() else {}
-        v = params.get("validate", {}) or {}
-        pr = params.get("prepare", {}) or {}
-        d = cls()
-        return cls(
-            min_side=int(v.get("min_side", d.min_side)),
-            max_side=int(v.get("max_side", d.max_side)),
-            modes=tuple(v.get("modes", d.modes)),
-            near_dup_bits=int(pr.get("near_dup_bits", d.near_dup_bits)),
-            near_dup_corr=float(pr.get("near_dup_corr", d.near_dup_corr)),
-        )
+            params = load_params(project_root() / "params.yaml")
+        v, pr = params["validate"], params["prepare"]
+        return cls(min_side=int(v["min_side"]), max_side=int(v["max_side"]), modes=tuple(v["modes"]),
+                   near_dup_bits=int(pr["near_dup_bits"]), near_dup_corr=float(pr["near_dup_corr"]))
 
 
 def judge(st: dict[str, Any], limits: Limits) -> tuple[str, str]:

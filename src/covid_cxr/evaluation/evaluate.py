@@ -217,7 +217,7 @@ def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta, ext=None)
     lines = [
         "# Evaluation report (test split)", "",
         f"Model `{meta.get('arch')}` @ {meta.get('image_size')} px, data md5 `{meta.get('data_md5')}`, "
-        f"git `{(meta.get('git_sha') or 'n/a')[:10]}`, profile `{meta.get('params', {}).get('profile')}`.", "",
+        f"params hash `{meta.get('params_hash')}`, profile `{meta.get('params', {}).get('profile')}`.", "",
         "| metric | value |", "|---|---|",
         f"| images | {m['n_test']} |",
         f"| accuracy | {m['accuracy']:.4f} |",
@@ -278,12 +278,14 @@ def evaluate(paths: Paths | None = None, params: dict[str, Any] | None = None) -
     _write_csv(out / "plots" / "roc.csv", roc_points(pred["y"], cal))
     _write_csv(out / "plots" / "reliability.csv", reliability(cal, pred["y"], n_bins))
     pp = pred["pred"]
-    _write_csv(out / "predictions.csv", [
+    df = pred["df"]
+    _write_csv(out / "predictions.csv", [   # also the reference `covid-cxr monitor` compares served films with
         {"path": p, "label": CLASSES[y], "pred": CLASSES[c.argmax()],
          **{f"p_{k}": round(float(v), 5) for k, v in zip(CLASSES, c)},
          "novelty": None if pp.novelty is None else round(float(pp.novelty[i]), 4),
-         "verdict": pp.verdict[i], "reason": pp.reason[i] or ""}
-        for i, (p, y, c) in enumerate(zip(pred["df"]["path"], pred["y"], cal))])
+         "verdict": pp.verdict[i], "reason": pp.reason[i] or "",
+         "width": int(df["width"][i]), "height": int(df["height"][i]), "mode": df["mode"][i]}
+        for i, (p, y, c) in enumerate(zip(df["path"], pred["y"], cal))])
     files = _plots(pred, m, raw, cal, out / "img", n_bins, paths.root)
     (out / "report.md").write_text(_report(m, files, pred, cal, pred["meta"], ext))
     write_model_card(paths.model_card, pred["meta"], m, external_section(ext, "eval/img/"))

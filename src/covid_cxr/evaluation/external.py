@@ -51,6 +51,25 @@ def group_summary(labels: list[str], pred: list[str], top: np.ndarray, verdict: 
     return out
 
 
+OUTCOMES = ("right", "referred", "wrong, not confident", "confidently wrong")   # one per film, exclusive
+
+
+def outcome_shares(df, preds, confident: float) -> dict[str, list[float]]:
+    """Per group (in `df`'s sorted group order), the share of its films in each of OUTCOMES: the four
+    add up to 1. Referred (verdict refer, any reason) comes before right or wrong."""
+    top = preds.probs.max(1)
+    labels = np.array(preds.labels, dtype=object)
+    refer = np.array([v == "refer" for v in preds.verdict])
+    out: dict[str, list[float]] = {}
+    for g in sorted(df["group"].unique()):
+        idx = np.flatnonzero(df["group"].to_numpy() == g)
+        right = labels[idx] == df["label"].to_numpy()[idx]
+        fl, sure = refer[idx], top[idx] >= confident
+        out[g] = [float((right & ~fl).mean()), float(fl.mean()), float((~right & ~fl & ~sure).mean()),
+                  float((~right & ~fl & sure).mean())]
+    return out
+
+
 def summarise(df, preds, confident: float) -> dict[str, Any]:
     groups = {}
     top = preds.probs.max(1)
@@ -71,26 +90,15 @@ def _plots(groups: dict[str, Any], df, preds, root: Path, img: Path, confident: 
 
     img.mkdir(parents=True, exist_ok=True)
     names = list(groups)
-    # outcome bars: right and not flagged / flagged / wrong, not confident / confident and wrong
+    shares = outcome_shares(df, preds, confident)
+    cols = dict(zip(OUTCOMES, ("#2e7d32", "#f9a825", "#90a4ae", "#c62828")))
     top = preds.probs.max(1)
-    cols = {"right, not flagged": "#2e7d32", "flagged (refer)": "#f9a825",
-            "wrong, not confident": "#90a4ae", "confident and wrong": "#c62828"}
-    shares = {k: [] for k in cols}
-    for g in names:
-        idx = np.flatnonzero(df["group"].to_numpy() == g)
-        y = df["label"].to_numpy()[idx]
-        p = np.array(preds.labels, dtype=object)[idx]
-        fl = np.array([preds.verdict[i] == "refer" for i in idx])
-        right = (p == y)
-        shares["right, not flagged"].append(float((right & ~fl).mean()))
-        shares["flagged (refer)"].append(float(fl.mean()))
-        shares["wrong, not confident"].append(float((~right & ~fl & (top[idx] < confident)).mean()))
-        shares["confident and wrong"].append(float((~right & ~fl & (top[idx] >= confident)).mean()))
     fig, ax = plt.subplots(figsize=(7, 0.7 + 0.6 * len(names)))
     left = np.zeros(len(names))
-    for k, c in cols.items():
-        ax.barh(names, shares[k], left=left, color=c, label=k)
-        left += np.array(shares[k])
+    for j, (k, c) in enumerate(cols.items()):
+        v = np.array([shares[g][j] for g in names])
+        ax.barh(names, v, left=left, color=c, label=k)
+        left += v
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of films")
     ax.set_title("Outside the training sources: what the model answers")
@@ -148,9 +156,9 @@ def external(paths: Paths | None = None, params: dict[str, Any] | None = None) -
         "novelty": None if preds.novelty is None else np.round(preds.novelty, 4),
         "verdict": preds.verdict, "reason": preds.reason,
     }).to_csv(out / "external_predictions.csv", index=False)
-    pd.DataFrame([{"group": g, "outcome": k, "share": round(v[k], 4)}
-                  for g, v in groups.items() for k in ("right", "flagged", "confident_wrong")
-                  if v[k] is not None]).to_csv(out / "plots" / "external.csv", index=False)
+    pd.DataFrame([{"group": g, "outcome": k, "rank": j, "share": round(v[j], 4)}
+                  for g, v in outcome_shares(df, preds, float(cfg["confident"])).items()
+                  for j, k in enumerate(OUTCOMES)]).to_csv(out / "plots" / "external.csv", index=False)
     _plots(groups, df, preds, paths.root, out / "img", float(cfg["confident"]))
     for g, v in groups.items():
         right = "—" if v["right"] is None else f"{v['right']:.3f}"

@@ -47,10 +47,9 @@ def _combine(meta: dict[str, Any]) -> str:
 
 
 def _verdict(meta: dict[str, Any]) -> str:
-    v = meta.get("verdict") or {}
-    nov = v.get("novelty_threshold")
+    nov = (meta.get("ood") or {}).get("threshold")
     return (f"Novelty threshold {nov:.2f}" if nov is not None else "No novelty model") + \
-        f", minimum confidence {v.get('min_confidence', 0.0):.3f}"
+        f", minimum confidence {meta['verdict']['min_confidence']:.3f}"
 
 
 def _resolution(meta: dict[str, Any]) -> str:
@@ -80,7 +79,7 @@ diagnosis or treatment decisions.** Every output needs review by a qualified cli
   at {_resolution(meta)}, one-cycle schedules with discriminative learning rates.
 - Input: greyscale, resized to {meta.get('image_size')} x {meta.get('image_size')} px, replicated to 3 channels,
   normalised with mean {meta.get('normalize', {}).get('mean')} / std {meta.get('normalize', {}).get('std')}.
-- Profile `{p.get('profile')}`, params hash `{meta.get('params_hash')}`, git `{meta.get('git_sha')}`.
+- Profile `{p.get('profile')}`, params hash `{meta.get('params_hash')}`.
 - Calibration: {_calibration(meta)}, fitted on the validation split (model/calibration.py).
 {_heads(meta)}
 - Training against acquisition shortcuts: each training film is re-processed at random as another site

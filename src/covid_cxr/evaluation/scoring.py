@@ -11,16 +11,15 @@ from typing import Sequence
 
 import numpy as np
 
-from covid_cxr.data.xrayrule import xray_rule
+from covid_cxr.data.checkfilm import check_film
+from covid_cxr.data.preprocess import MAX_PIXELS, MIN_SIDE, SHOWN_MAX, ImageError, read_bytes, resize_gray
 from covid_cxr.model.checkpoint import LoadedModel, Predictions
-from covid_cxr.data.preprocess import MAX_PIXELS, MIN_SIDE, SHOWN_MAX, ImageError, open_image, resize_gray, to_gray
 
 
 def load_film(src, size: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """-> ((size, size) uint8 film, the not-an-X-ray rule it fails or None). Raises ImageError."""
-    im = open_image(src, max_pixels=max_pixels)
-    gray = to_gray(im)
-    return resize_gray(gray, size), xray_rule(im, gray)
+    film = check_film(read_bytes(src), min_side=MIN_SIDE, max_pixels=max_pixels)
+    return resize_gray(film.gray, size), film.rule
 
 
 def score_paths(model: LoadedModel, paths: Sequence[Path], bs: int = 32, desc: str = "scoring"
@@ -59,9 +58,8 @@ def concat(parts: Sequence[Predictions]) -> Predictions:
 # `covid-cxr predict` scores folders of any size: files are read, hashed and decoded in a small
 # thread pool (Pillow's decoders, its resize and hashlib release the GIL) while the main thread
 # runs the model on the previous batch, so decoding overlaps the forward pass instead of adding
-# to it. Each decoded file goes through exactly what the service does with an upload
-# (`serve.uploads.decode_upload`): open_image -> the min-side check -> to_gray -> xray_rule ->
-# resize_gray, then `LoadedModel.predict` on the batch.
+# to it. Each file goes through the service's decode-and-check (data/checkfilm.py), then
+# resize_gray and `LoadedModel.predict` on the batch.
 
 
 @dataclass
@@ -73,6 +71,7 @@ class Film:
     rule: str | None
     sha256: str
     shown: np.ndarray | None = None
+    info: dict | None = None      # width, height, mode, format, sha256 (checkfilm.CheckedFilm.info)
 
 
 @dataclass
@@ -120,20 +119,13 @@ def read_film(path: Path | str, size: int, *, keep_shown: bool = False, min_side
     if skip is not None and skip(sha):
         return sha
     try:
-        im = open_image(data, max_pixels=max_pixels)
-        if min(im.size) < min_side:
-            raise ImageError("too_small", f"the image is {im.size[0]}x{im.size[1]} px; "
-                             f"both sides must be at least {min_side} px")
-        try:
-            gray = to_gray(im)
-        except Exception as e:  # an exotic mode Pillow cannot convert (as the service says)
-            raise ImageError("corrupt", f"cannot convert the {im.mode} image to greyscale: {e}") from None
-        rule = xray_rule(im, gray)
-        del im, data
-        return Film(resize_gray(gray, size), rule, sha, shown_film(gray) if keep_shown else None)
+        film = check_film(data, min_side=min_side, max_pixels=max_pixels, sha256=sha)
     except ImageError as e:
         e.sha256 = sha
         raise
+    del data
+    return Film(resize_gray(film.gray, size), film.rule, sha, shown_film(film.gray) if keep_shown else None,
+                film.info)
 
 
 def default_workers() -> int:

@@ -45,8 +45,9 @@ class Calibration:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Calibration":
-        b = meta.get("class_bias")
-        return cls(float(meta.get("temperature", 1.0)), None if b is None else tuple(float(x) for x in b))
+        """From model.json (schema 2: older files go through modelmeta.migrate first)."""
+        b = meta["class_bias"]
+        return cls(float(meta["temperature"]), None if b is None else tuple(float(x) for x in b))
 
     def describe(self, classes: Sequence[str]) -> str:
         s = f"temperature {self.temperature:.3f}"

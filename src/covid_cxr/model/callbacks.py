@@ -74,7 +74,7 @@ def cpu_has_bf16() -> bool:
 def bf16_autocast():
     """A fastai callback: forward and loss under CPU bfloat16 autocast, backward and weights in float32.
 
-    Faster only where the CPU has native bf16 dot products and at larger images (bench/bench_bf16.py:
+    Faster only where the CPU has native bf16 dot products and at larger images (experiments/bf16:
     x1.4 at 192 px, slower at 128 px). Inference (features, thresholds, evaluation, serving) stays float32.
     """
     import torch

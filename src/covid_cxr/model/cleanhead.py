@@ -12,7 +12,7 @@ it reads is `train.clean_head.inputs`:
 
 The model's answer is the mean of the two heads' calibrated probabilities (`mix`):
 - on films like the training films both heads agree, and the clean head adds what the augmented
-  one gave up (bench/ood_twohead.py: test accuracy +0.4 to +1.9 points on four bodies);
+  one gave up (experiments/twohead: test accuracy +0.4 to +1.9 points on four bodies);
 - on a film from elsewhere they tend to disagree (the clean head reads the unfamiliar
   acquisition as a class), the mean falls under the low-confidence threshold and the film is
   referred, instead of being answered by the head that reads the shortcut.
@@ -29,7 +29,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-FILE = "clean_head.safetensors"
 INPUTS = ("content", "style")   # what a clean head can read, in the order its weights are laid out
 INPUT_WORDS = {"content": "pooled features", "style": "early-layer style statistics"}
 
@@ -82,7 +81,7 @@ class CleanHead:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], desc: dict[str, Any]) -> "CleanHead":
-        inputs = check_inputs(desc.get("inputs", ["content"]))   # files from before `inputs`: pooled only
+        inputs = check_inputs(desc["inputs"])
         return cls(t["weight"].float(), t["bias"].float(), float(desc["temperature"]), float(desc["l2"]), inputs)
 
 

@@ -21,14 +21,14 @@ from __future__ import annotations
 import os
 import random
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import typer
 
 from covid_cxr.config import CLASSES, Paths, load_params, train_config
-from covid_cxr.provenance import data_md5, git_sha, params_hash
+from covid_cxr.provenance import data_md5, params_hash, record_run
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +109,7 @@ def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "feature
                bf16: bool = False):
     """Forward the body once: -> ((N, 2*nf) pooled features, (N, S) style vectors), float32.
 
-    `bf16` runs the forward under CPU bfloat16 autocast (x2.1-2.5 on AVX512-BF16, bench/bench_bf16.py)
+    `bf16` runs the forward under CPU bfloat16 autocast (x2.1-2.5 on AVX512-BF16, experiments/bf16)
     and returns float32: for the training films' reference bank only, never for the films whose
     scores set a threshold (those go through the float32 path the service uses).
     """
@@ -144,37 +144,42 @@ def _timed(name: str, timings: dict[str, float]):
     return _T()
 
 
-def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass
+class Run:
+    """What the steps of one training run share."""
+
+    paths: Paths
+    cfg: dict[str, Any]          # the active profile with the shared train keys (config.train_config)
+    df: Any                      # the manifest
+    labels: np.ndarray           # class index per manifest row
+    tr: np.ndarray               # train rows
+    va: np.ndarray               # valid rows
+    norm: Any
+    timings: dict[str, float]
+
+    @property
+    def channels_last(self) -> bool:
+        return bool(self.cfg["channels_last"])
+
+    def decoded(self, size: int) -> np.ndarray:
+        from covid_cxr.data.cache import decoded
+
+        return decoded(self.df, size, self.paths.root, self.paths.cache, workers=os.cpu_count() or 1)
+
+
+def start_run(paths: Paths, params: dict[str, Any]) -> Run:
+    """Threads, seeds and the split: the manifest's train and valid rows."""
     import pandas as pd
     import torch
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    import fastai.callback.progress  # noqa: F401  (progress bars)
-    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
-    from fastai.learner import Learner
-    from fastai.callback.core import Callback
-    from fastai.callback.mixup import MixUp
-    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
-    from fastai.metrics import accuracy
 
-    from covid_cxr.data.cache import decoded
-    from covid_cxr.model.callbacks import bf16_autocast, cpu_has_bf16, live_curves, weight_ema
-    from covid_cxr.model.checkpoint import Novelty, save_model
-    from covid_cxr.model.nets import arch_norm, build
-    from covid_cxr.progress import quiet_fastai_if_not_tty
-    from covid_cxr.model.verdict import fit_min_confidence
+    from covid_cxr.model.nets import arch_norm
 
-    paths = paths or Paths()
-    params = params if params is not None else load_params(paths.root / "params.yaml")
     cfg = train_config(params)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     seed_everything(int(cfg["seed"]))
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     typer.echo(f"train: profile={cfg['profile']} arch={cfg['arch']} size={cfg['size']} "
                f"head_epochs={cfg['head_epochs']} unfrozen_epochs={cfg['unfrozen_epochs']} "
                f"unfreeze_groups={cfg['unfreeze_groups']} threads={torch.get_num_threads()}")
-
     df = pd.read_csv(paths.manifest)
     labels = df["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     if np.isnan(labels.astype(float)).any():
@@ -183,30 +188,73 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
     va = np.flatnonzero(df["split"].to_numpy() == "valid")
     if len(tr) == 0 or len(va) == 0:
         raise RuntimeError("the manifest has no train or no valid rows: run `covid-cxr prepare`")
-    size = int(cfg["size"])
-    norm = arch_norm(cfg["arch"])
-    cl = bool(cfg["channels_last"])
+    return Run(paths, cfg, df, labels, tr, va, arch_norm(cfg["arch"]), {})
 
-    with _timed("decode cache", timings):
-        cache = decoded(df, size, paths.root, paths.cache, workers=os.cpu_count() or 1)
 
-    net = build(cfg["arch"], n_classes=len(CLASSES), pretrained=True)
-    if cl:
-        net = net.to(memory_format=torch.channels_last)
+def build_net(run: Run):
+    """The ImageNet-pretrained body with a fresh head (nets.py)."""
+    import torch
 
-    # ---- Phase 1: frozen body, head trained on cached pooled features --------------------
-    with _timed("frozen phase (cached features)", timings):
-        f_tr, _ = embeddings(net, cache[tr], norm, desc="body features (train)", channels_last=cl)
-        f_va, _ = embeddings(net, cache[va], norm, desc="body features (valid)", channels_last=cl)
-        y_tr, y_va = torch.as_tensor(labels[tr]), torch.as_tensor(labels[va])
-        fdls = DataLoaders(
-            DataLoader(list(zip(f_tr, y_tr)), bs=64, shuffle=True, drop_last=len(f_tr) > 64),
-            DataLoader(list(zip(f_va, y_va)), bs=256), device="cpu")
-        head_learn = Learner(fdls, net.head, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
-        quiet_fastai_if_not_tty(head_learn)
-        head_learn.fit_one_cycle(int(cfg["head_epochs"]), float(cfg["head_lr"]))
+    from covid_cxr.model.nets import build
 
-    # ---- Phase 2: partial unfreeze, augmented images, discriminative LRs -------------------
+    net = build(run.cfg["arch"], n_classes=len(CLASSES), pretrained=True)
+    return net.to(memory_format=torch.channels_last) if run.channels_last else net
+
+
+def fit_frozen_head(run: Run, net, cache: np.ndarray) -> None:
+    """Phase 1: the body frozen, the head trained on its pooled features computed once."""
+    import fastai.callback.progress  # noqa: F401  (progress bars)
+    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
+    import torch
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+
+    from covid_cxr.progress import quiet_fastai_if_not_tty
+
+    cl = run.channels_last
+    f_tr, _ = embeddings(net, cache[run.tr], run.norm, desc="body features (train)", channels_last=cl)
+    f_va, _ = embeddings(net, cache[run.va], run.norm, desc="body features (valid)", channels_last=cl)
+    y_tr, y_va = torch.as_tensor(run.labels[run.tr]), torch.as_tensor(run.labels[run.va])
+    fdls = DataLoaders(
+        DataLoader(list(zip(f_tr, y_tr)), bs=64, shuffle=True, drop_last=len(f_tr) > 64),
+        DataLoader(list(zip(f_va, y_va)), bs=256), device="cpu")
+    head_learn = Learner(fdls, net.head, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    quiet_fastai_if_not_tty(head_learn)
+    head_learn.fit_one_cycle(int(run.cfg["head_epochs"]), float(run.cfg["head_lr"]))
+
+
+def stages(cfg: dict[str, Any]) -> list[tuple[int, int, float, int, bool]]:
+    """The unfrozen epochs: (size, epochs, lr, groups trained, bf16) per stage; a second stage at
+    `final_size` for profiles with progressive resizing."""
+    size, lr = int(cfg["size"]), float(cfg["lr_max"])
+    out = [(size, int(cfg["unfrozen_epochs"]), lr, int(cfg["unfreeze_groups"]), False)]
+    final_size = int(cfg.get("final_size") or size)
+    if final_size != size and int(cfg["final_epochs"]) > 0:
+        # the larger size may train fewer groups: the lowest ones cost most at high resolution
+        out.append((final_size, int(cfg["final_epochs"]), lr * float(cfg["final_lr_scale"]),
+                    int(cfg["final_unfreeze_groups"]), bool(cfg["final_bf16"])))
+    return out
+
+
+def fine_tune(run: Run, net, cache: np.ndarray) -> list[dict[str, float]]:
+    """Phase 2: the top backbone groups unfrozen, augmented films, discriminative LRs, one-cycle
+    schedules, progressive resizing, weight EMA. -> (per-epoch history, the DVCLive run)."""
+    import torch
+    import fastai.callback.progress  # noqa: F401  (progress bars)
+    import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
+    from fastai.callback.core import Callback
+    from fastai.callback.mixup import MixUp
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+    from fastai.metrics import accuracy
+
+    from covid_cxr.model.callbacks import bf16_autocast, cpu_has_bf16, live_curves, weight_ema
+    from covid_cxr.progress import quiet_fastai_if_not_tty
+
+    cfg = run.cfg
     groups = net.body_groups()
     frozen: list = []
 
@@ -218,19 +266,12 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
                 g.eval()
 
     history: list[dict[str, float]] = []
-    live, LiveCurves = live_curves(paths.train_curves)
-    lr = float(cfg["lr_max"])
+    live, LiveCurves = live_curves(run.paths.train_curves)
     eps = float(cfg["label_smoothing"])
     loss_func = LabelSmoothingCrossEntropyFlat(eps=eps) if eps > 0 else CrossEntropyLossFlat()
     mix = float(cfg["mixup"])
-    final_size = int(cfg.get("final_size") or size)
-    stages = [(size, int(cfg["unfrozen_epochs"]), lr, int(cfg["unfreeze_groups"]), False)]
-    if final_size != size and int(cfg["final_epochs"]) > 0:  # progressive resizing (profiles with final_size)
-        # the larger size may train fewer groups: the lowest ones cost most at high resolution
-        stages.append((final_size, int(cfg["final_epochs"]), lr * float(cfg["final_lr_scale"]),
-                       int(cfg["final_unfreeze_groups"]), bool(cfg["final_bf16"])))
     ema = weight_ema(net, float(cfg["ema"])) if float(cfg["ema"]) > 0 else None
-    for st_size, epochs, st_lr, k, bf16 in stages:
+    for st_size, epochs, st_lr, k, bf16 in stages(cfg):
         if bf16 and not cpu_has_bf16():
             typer.echo(f"  {st_size} px: this CPU has no native bfloat16, training in float32")
             bf16 = False
@@ -238,10 +279,9 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
             continue
         k = min(k, len(groups))
         frozen[:] = groups[: len(groups) - k]
-        with _timed(f"unfrozen phase @ {st_size}px (top {k} of {len(groups)} groups, {epochs} epochs)", timings):
-            st_cache = cache if st_size == size else decoded(df, st_size, paths.root, paths.cache,
-                                                              workers=os.cpu_count() or 1)
-            dls = image_dls(st_cache, labels, tr, va, cfg, norm, seed=int(cfg["seed"]) + st_size)
+        with _timed(f"unfrozen phase @ {st_size}px (top {k} of {len(groups)} groups, {epochs} epochs)", run.timings):
+            st_cache = cache if st_size == int(cfg["size"]) else run.decoded(st_size)
+            dls = image_dls(st_cache, run.labels, run.tr, run.va, cfg, run.norm, seed=int(cfg["seed"]) + st_size)
             cbs = [FrozenInEval(), LiveCurves(st_size)] + ([MixUp(mix)] if mix > 0 else [])
             cbs += [bf16_autocast()] if bf16 else []
             cbs += [ema] if ema is not None else []
@@ -257,69 +297,84 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
                                 "valid_loss": float(row[1]), "valid_accuracy": float(row[2])})
     if ema is not None:
         ema.apply()
-    if final_size != size:
-        cache, size = decoded(df, final_size, paths.root, paths.cache, workers=os.cpu_count() or 1), final_size
+    return history, live
 
-    # ---- Calibration, novelty model and refer thresholds: fitted on train + valid only ------
-    from covid_cxr.model.calibration import fit_calibration
 
-    vcfg = params["verdict"]
-    with _timed("calibration + novelty fit", timings):
-        net.eval()
-        # the train films are the novelty model's reference bank: bf16 where the profile allows it;
-        # valid (thresholds, calibration) stays float32, the numerics of serving
-        bank16 = bool(cfg["bank_bf16"]) and cpu_has_bf16()
-        f_tr, s_tr = embeddings(net, cache[tr], norm, desc="final features (train)", channels_last=cl, bf16=bank16)
-        f_va, s_va = embeddings(net, cache[va], norm, desc="final features (valid)", channels_last=cl)
-        with torch.inference_mode():
-            logits_va = net.head(f_va)
-        calib = fit_calibration(logits_va, labels[va], cfg["calibration"])
-        temperature = calib.temperature
-        ood = Novelty.fit({"content": f_tr.numpy(), "style": s_tr.numpy()}, labels[tr],
-                          {"content": f_va, "style": s_va, "logits": logits_va},
-                          float(vcfg["novelty_quantile"]), dict(vcfg["components"]),
-                          tuple(vcfg["novelty_parts"]), temperature, vcfg["knn_k"],
-                          dict(vcfg["part_quantiles"]), combine=vcfg["combine"])
-        p_va = calib.probs(logits_va)
-        clean, clean_rows = None, []
-        if cfg["clean_head"]:
-            from covid_cxr.model.cleanhead import fit_clean_head, mix
+def final_features(run: Run, net, cache: np.ndarray):
+    """The trained body over train and valid at the final size -> (train, valid) referpolicy.Features.
+    The train films are the novelty bank (bf16 where the profile allows it); valid, which sets every
+    threshold, stays float32, the numerics of serving."""
+    import torch
 
-            clean, clean_rows = fit_clean_head({"content": f_tr, "style": s_tr}, labels[tr],
-                                               {"content": f_va, "style": s_va}, labels[va],
-                                               cfg["clean_head"]["l2"], len(CLASSES),
-                                               inputs=cfg["clean_head"]["inputs"])
-            typer.echo(f"  clean head on {'+'.join(clean.inputs)}: L2 {clean.l2:g}, T {clean.temperature:.3f} "
-                       f"(lowest valid NLL of {len(clean_rows)}); head alone valid acc "
-                       f"{float((p_va.argmax(1) == labels[va]).mean()):.4f}")
-            p_va = mix(p_va, clean.probs(f_va, s_va))
-        valid_acc = float((p_va.argmax(1) == labels[va]).mean())   # the label the service gives
-        min_conf = fit_min_confidence(p_va, float(vcfg["low_confidence_quantile"]))
+    from covid_cxr.model.callbacks import cpu_has_bf16
+    from covid_cxr.model.referpolicy import Features
 
-    meta = {
+    net.eval()
+    cl = run.channels_last
+    bank16 = bool(run.cfg["bank_bf16"]) and cpu_has_bf16()
+    f_tr, s_tr = embeddings(net, cache[run.tr], run.norm, desc="final features (train)", channels_last=cl,
+                            bf16=bank16)
+    f_va, s_va = embeddings(net, cache[run.va], run.norm, desc="final features (valid)", channels_last=cl)
+    with torch.inference_mode():
+        logits_va = net.head(f_va)
+    return (Features(f_tr, s_tr, run.labels[run.tr]),
+            Features(f_va, s_va, run.labels[run.va], logits_va))
+
+
+def model_meta(run: Run, size: int, policy, history: list[dict[str, float]]) -> dict[str, Any]:
+    """model.json (modelmeta.py, schema 2): a pure function of data, code and params."""
+    return {
         "classes": list(CLASSES),
         "image_size": size,
-        "normalize": {"mean": list(norm.mean), "std": list(norm.std)},
-        **calib.to_meta(),
-        "verdict": {"min_confidence": min_conf, "novelty_threshold": ood.threshold},
-        "data_md5": data_md5(paths.root),
-        "git_sha": git_sha(paths.root),
-        "params": cfg,
-        "params_hash": params_hash(cfg),
-        "valid_accuracy": valid_acc,
-        "clean_head_fit": clean_rows,
-        "n_train": int(len(tr)),
-        "n_valid": int(len(va)),
+        "normalize": {"mean": list(run.norm.mean), "std": list(run.norm.std)},
+        **policy.meta(),
+        "data_md5": data_md5(run.paths.root),
+        "params": run.cfg,
+        "params_hash": params_hash(run.cfg),
+        "n_train": int(len(run.tr)),
+        "n_valid": int(len(run.va)),
         "history": history,
-        "timings_s": timings,
-        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    save_model(net, meta, paths.model_dir, ood=ood, clean=clean)
-    live.summary["final"] = {"valid_accuracy": valid_acc, "temperature": temperature}  # after calibration
+
+
+def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the body and head, fit the refer policy, write artifacts/model. -> model.json's content."""
+    from covid_cxr.model.checkpoint import save_model
+    from covid_cxr.model.referpolicy import fit_refer_policy
+
+    paths = paths or Paths()
+    params = params if params is not None else load_params(paths.root / "params.yaml")
+    t0 = time.perf_counter()
+    run = start_run(paths, params)
+    size = int(run.cfg["size"])
+    with _timed("decode cache", run.timings):
+        cache = run.decoded(size)
+    net = build_net(run)
+    with _timed("frozen phase (cached features)", run.timings):
+        fit_frozen_head(run, net, cache)
+    history, live = fine_tune(run, net, cache)
+    final_size = int(run.cfg.get("final_size") or size)
+    if final_size != size:
+        cache, size = run.decoded(final_size), final_size
+    with _timed("calibration + novelty fit", run.timings):
+        train_f, valid_f = final_features(run, net, cache)
+        policy = fit_refer_policy(train_f, valid_f, calibration=run.cfg["calibration"], verdict=params["verdict"],
+                                  clean_head=run.cfg["clean_head"])
+        if policy.clean is not None:
+            head_acc = float((policy.calibration.probs(valid_f.logits).argmax(1) == valid_f.labels).mean())
+            typer.echo(f"  clean head on {'+'.join(policy.clean.inputs)}: L2 {policy.clean.l2:g}, "
+                       f"T {policy.clean.temperature:.3f} (lowest valid NLL of {len(policy.clean_rows)}); "
+                       f"head alone valid acc {head_acc:.4f}")
+    meta = model_meta(run, size, policy, history)
+    save_model(net, meta, paths.model_dir, ood=policy.novelty, clean=policy.clean)
+    live.summary["final"] = {"valid_accuracy": policy.valid_accuracy,
+                             "temperature": policy.calibration.temperature}  # after calibration
     live.end()
     total = time.perf_counter() - t0
-    typer.secho(f"✔ model -> {paths.model_dir}  valid acc {valid_acc:.4f}  T={temperature:.3f}  "
-                f"novelty threshold {ood.threshold:.2f}  min confidence {min_conf:.3f}  ({total:.0f} s)", fg=typer.colors.GREEN)
+    record_run(paths.root, "train", run.timings, total)
+    typer.secho(f"✔ model -> {paths.model_dir}  valid acc {policy.valid_accuracy:.4f}  "
+                f"T={policy.calibration.temperature:.3f}  novelty threshold {policy.novelty.threshold:.2f}  "
+                f"min confidence {policy.min_confidence:.3f}  ({total:.0f} s)", fg=typer.colors.GREEN)
     return meta
 
 

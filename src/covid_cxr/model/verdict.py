@@ -30,16 +30,14 @@ REASONS = {
 
 @dataclass(frozen=True)
 class Policy:
-    """The model's refer thresholds (model.json `verdict`)."""
+    """The model's low-confidence threshold (model.json `verdict`; the novelty threshold is the
+    novelty model's own, model.json `ood.threshold`)."""
 
     min_confidence: float
-    novelty_threshold: float | None = None
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Policy":
-        v = meta.get("verdict") or {}
-        return cls(min_confidence=float(v.get("min_confidence", 0.0)),
-                   novelty_threshold=v.get("novelty_threshold"))
+        return cls(min_confidence=float(meta["verdict"]["min_confidence"]))
 
 
 def decide(probs: np.ndarray, novel: np.ndarray | None, policy: Policy,

@@ -26,15 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.config import Paths
+from covid_cxr.hashing import sha256_file
 from covid_cxr.jsonio import write_json_atomic
-
-
-def _file_sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def batch_key(batch: Path | str) -> tuple[str, int]:
@@ -42,7 +35,7 @@ def batch_key(batch: Path | str) -> tuple[str, int]:
     from covid_cxr.data.layouts import scan_source
 
     files = scan_source(Path(batch)).files
-    lines = sorted(f"{f.label or f.folder or ''}\t{_file_sha(f.path)}" for f in files)
+    lines = sorted(f"{f.label or f.folder or ''}\t{sha256_file(f.path)}" for f in files)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest(), len(lines)
 
 

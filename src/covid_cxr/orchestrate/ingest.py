@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.config import Paths
-from covid_cxr.orchestrate.shell import Log, StepError
+from covid_cxr.runner import Log, StepError
 
 QUARANTINE = "quarantine"
 

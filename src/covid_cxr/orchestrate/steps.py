@@ -12,7 +12,7 @@ from typing import Any
 
 from covid_cxr.config import Paths
 from covid_cxr.jsonio import read_json
-from covid_cxr.orchestrate.shell import Log, StepError, run
+from covid_cxr.runner import Log, StepError, run
 from covid_cxr.release.promotion import KEY_METRICS
 
 
@@ -41,10 +41,10 @@ def production(root: Path | str) -> dict[str, Any] | None:
 
 
 def _sha256(path: Path) -> str | None:
-    import hashlib
+    from covid_cxr.hashing import sha256_file
 
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

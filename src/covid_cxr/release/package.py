@@ -24,13 +24,14 @@ from typing import Any
 
 import typer
 
+from covid_cxr.console import fail
 from covid_cxr.config import Paths, load_params
 from covid_cxr.jsonio import write_json_atomic
 from covid_cxr.provenance import git_sha, params_hash
-from covid_cxr.release.promotion import KEY_METRICS
-from covid_cxr.release.promotion import now as _now
+from covid_cxr.release.promotion import KEY_METRICS, RECORDED_METRICS
 
 MODEL_NAME = "covid_cxr"
+REFERENCE = "reference.csv"    # in a stored model: its test-split answers (evaluate's predictions.csv), for `monitor`
 
 
 class PackagingError(RuntimeError):
@@ -105,23 +106,28 @@ def _metrics(paths: Paths, gate: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def _content_sha(files: list[Path]) -> str:
+def _digest(*parts: bytes) -> str:
     h = hashlib.sha256()
-    for f in sorted(files, key=lambda p: p.name):
-        h.update(f.name.encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
     return h.hexdigest()[:16]
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
 def save_model(paths: Paths, gate: dict[str, Any], metrics: dict[str, Any]) -> str:
     """artifacts/model (+ metrics, gate, model card) -> the BentoML model store. Returns the tag.
 
-    An identical model (same files, metrics and gate) already in the store is reused.
+    The tag's version is a digest of everything stored (the model's files, metrics, gate, card), so
+    the same model packaged twice is the same tag, and it is reused when the store has it.
     """
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from covid_cxr.model.checkpoint import FILES, load_meta
+    from covid_cxr.model.checkpoint import load_meta
+    from covid_cxr.model.modelmeta import FILES, model_id
 
     src = paths.model_dir
     for f in ("model.safetensors", "model.json"):
@@ -130,48 +136,43 @@ def save_model(paths: Paths, gate: dict[str, Any], metrics: dict[str, Any]) -> s
     meta = load_meta(src)
     files = [src / f for f in FILES if (src / f).is_file()]
     extra = {"metrics.json": metrics, "gate.json": gate}
-    card = paths.model_card if paths.model_card.is_file() else None
-
-    h = hashlib.sha256(_content_sha(files).encode())
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    content_sha = h.hexdigest()[:16]
+    card = paths.model_card.read_bytes() if paths.model_card.is_file() else b""
+    ref_file = paths.eval_dir / "predictions.csv"     # the test split's answers: what monitoring compares with
+    reference = ref_file.read_bytes() if ref_file.is_file() else b""
+    tag = f"{MODEL_NAME}:{_digest(model_id(src).encode(), *(_json(v) for v in extra.values()), card, reference)}"
     try:
-        existing = bentoml.models.list(MODEL_NAME)
-    except NotFound:  # no covid_cxr model in this store yet
-        existing = []
-    for m in existing:
-        if m.info.labels.get("content_sha") == content_sha:
-            return str(m.tag)
+        return str(bentoml.models.get(tag).tag)
+    except NotFound:
+        pass
 
     labels = {
         "data_md5": str(meta.get("data_md5") or "unknown"),
-        "git_sha": str(meta.get("git_sha") or _git_sha(paths.root)),
+        "git_sha": _git_sha(paths.root),          # provenance for people; not part of the tag
         "params_hash": _params_hash(meta, paths.root),
         "gate": "passed",
         "arch": str(meta.get("arch")),
         "image_size": str(meta.get("image_size")),
-        "content_sha": content_sha,
     }
     metadata = _clean({
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, dict))},
         "gate": {"passed": True, "reasons": list(gate.get("reasons") or []),
                  "champion": gate.get("champion")},
         "data_md5": meta.get("data_md5"),
-        "git_sha": meta.get("git_sha"),
-        "packaged_from_git_sha": _git_sha(paths.root),
         "params": meta.get("params"),
         "classes": meta.get("classes"),
         "temperature": meta.get("temperature"),
         "class_bias": meta.get("class_bias"),
         "image_size": meta.get("image_size"),
     })
-    with bentoml.models.create(MODEL_NAME, labels=labels, metadata=metadata) as bm:
+    with bentoml.models.create(tag, labels=labels, metadata=metadata) as bm:
         for f in files:
             shutil.copy2(f, Path(bm.path) / f.name)
         for name, obj in extra.items():
-            (Path(bm.path) / name).write_text(json.dumps(obj, indent=2, sort_keys=True))
+            (Path(bm.path) / name).write_bytes(_json(obj))
         if card:
-            shutil.copy2(card, Path(bm.path) / "model_card.md")
+            (Path(bm.path) / "model_card.md").write_bytes(card)
+        if reference:
+            (Path(bm.path) / REFERENCE).write_bytes(reference)
     return str(bm.tag)
 
 
@@ -182,17 +183,39 @@ def bentofile(paths: Paths) -> Path:
     return f
 
 
+def service_sources(src_dir: Path) -> list[Path]:
+    """What a Bento's code is: every file bentofile.yaml includes from the build context."""
+    pkg = src_dir / "covid_cxr"
+    return sorted(p for p in pkg.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                  and (p.suffix == ".py" or p.parent.name == "web"))
+
+
+def bento_version(paths: Paths, model_tag: str) -> str:
+    """A digest of what a Bento is built from: the model, bentofile.yaml and the service's code."""
+    src_dir = Path(__file__).resolve().parents[2]
+    code = [p.relative_to(src_dir).as_posix().encode() + b"\0" + p.read_bytes() for p in service_sources(src_dir)]
+    return _digest(model_tag.encode(), bentofile(paths).read_bytes(), *code)
+
+
 def build_bento(paths: Paths, model_tag: str, labels: dict[str, str]) -> str:
-    """`bentoml build` (subprocess, offline) of the service pinned to `model_tag`. Returns the tag."""
+    """`bentoml build` (subprocess, offline) of the service pinned to `model_tag` (the bento argument
+    `model`, modelsource.py), at a content-derived version. Returns the tag; a Bento of that tag
+    already in the store is reused."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    version = bento_version(paths, model_tag)
+    try:
+        return str(bentoml.get(f"{MODEL_NAME}:{version}").tag)
+    except NotFound:
+        pass
     src_dir = Path(__file__).resolve().parents[2]  # .../src: the build context holds covid_cxr/
-    env = _env()
-    env.pop("COVID_CXR_MODEL_DIR", None)   # the Bento must carry a store model, not a directory
-    env["COVID_CXR_MODEL"] = model_tag     # read by service.py at import: the model to bundle
-    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile(paths)), "--output", "tag"]
+    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile(paths)), "--version", version,
+           "--arg", f"model={model_tag}", "--output", "tag"]
     for k, v in labels.items():
         cmd += ["--label", f"{k}={v}"]
     cmd.append(str(src_dir))
-    r = subprocess.run(cmd, cwd=src_dir, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=src_dir, env=_env(), capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         raise PackagingError(f"`bentoml build` failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-4000:]}")
     for line in reversed(r.stdout.strip().splitlines()):
@@ -205,9 +228,9 @@ def build_bento(paths: Paths, model_tag: str, labels: dict[str, str]) -> str:
 def package_model(paths: Paths | None = None) -> dict[str, Any]:
     """Gate check -> model store -> Bento -> artifacts/bento.json. Returns that record.
 
-    The record has at least `bento` and `model` (tags); also `model_path`, `metrics`, `gate`,
-    `data_md5`, `git_sha`, `params_hash`, `built_at`. Raises PackagingError, changing nothing,
-    if the gate did not pass.
+    The record (a DVC output: a pure function of its inputs) has `packaged`, `bento` and `model`
+    (tags), `metrics`, `gate`, `data_md5` and `params_hash`. Raises PackagingError, changing
+    nothing, if the gate did not pass.
     """
     import bentoml
 
@@ -215,24 +238,29 @@ def package_model(paths: Paths | None = None) -> dict[str, Any]:
     gate = read_gate(paths)
     metrics = _metrics(paths, gate)
     model_tag = save_model(paths, gate, metrics)
-    stored = bentoml.models.get(model_tag)
-    lab = stored.info.labels
+    lab = bentoml.models.get(model_tag).info.labels
     bento_tag = build_bento(paths, model_tag, {
         "model": model_tag.replace(":", "."), "gate": "passed", "data_md5": lab.get("data_md5", "unknown"),
-        "git_sha": lab.get("git_sha", "unknown"), "params_hash": lab.get("params_hash", "unknown"),
+        "git_sha": _git_sha(paths.root), "params_hash": lab.get("params_hash", "unknown"),
     })
     rec = {
         "packaged": True,
         "bento": bento_tag,
         "model": model_tag,
-        "model_path": str(stored.path),
-        "metrics": metrics,
+        "metrics": {k: metrics[k] for k in RECORDED_METRICS if k in metrics},
         "gate": {"passed": True, "reasons": list(gate.get("reasons") or [])},
         "data_md5": lab.get("data_md5"),
-        "git_sha": lab.get("git_sha"),
         "params_hash": lab.get("params_hash"),
-        "built_at": _now(),
     }
+    write_json_atomic(paths.artifacts / "bento.json", rec)
+    return rec
+
+
+def refusal(paths: Paths, err: PackagingError) -> dict[str, Any]:
+    """artifacts/bento.json when the gate refused the model: no Bento, the reasons."""
+    gate = _read_json(paths.gate)
+    rec = {"packaged": False, "bento": None, "model": None, "reason": str(err),
+           "gate": {"passed": False, "reasons": list((gate or {}).get("reasons") or [])}}
     write_json_atomic(paths.artifacts / "bento.json", rec)
     return rec
 
@@ -240,20 +268,6 @@ def package_model(paths: Paths | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-def refusal(paths: Paths, err: PackagingError) -> dict[str, Any]:
-    """artifacts/bento.json when the gate refused the model: no Bento, the reasons."""
-    gate = _read_json(paths.gate)
-    rec = {"packaged": False, "bento": None, "model": None, "reason": str(err),
-           "gate": {"passed": False, "reasons": list((gate or {}).get("reasons") or [])}, "built_at": _now()}
-    write_json_atomic(paths.artifacts / "bento.json", rec)
-    return rec
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
 def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001 - data_app unused
     @app.command("package")
     def package_cmd(
@@ -277,6 +291,6 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001 -
                 typer.secho(f"not packaged: {e}. Recorded in artifacts/bento.json; production unchanged.",
                             fg=typer.colors.RED, err=True)
                 return
-            _fail(f"{e}. Nothing was packaged.")
+            fail(f"{e}. Nothing was packaged.")
         typer.echo(f"model {rec['model']}  ->  bento {rec['bento']}  (artifacts/bento.json)")
         typer.echo(f"production unchanged; to put it there: covid-cxr promote {rec['bento']}")

@@ -21,6 +21,8 @@ The record (one JSON object; `git log -p registry/production.json` is its full h
     metrics            its key test metrics (+ ece_after, flagged), as packaged
     export             registry/bentos/<name>-<version>.bento: the exported Bento, tracked by
                        DVC (`<export>.dvc` in git, the file itself on the DVC remote)
+    remote             the DVC remote it was pushed to (an absolute path or a URL): where
+                       `covid-cxr pull-production` fetches it, with no DVC config
     action, reasons    promote | force | rollback, and why
     promoted_at        UTC time
     data_md5, git_sha, params_hash   what the model was built from
@@ -42,7 +44,7 @@ KEY_METRICS = ("accuracy", "macro_f1", "covid_recall")
 DEFAULT_TOLERANCE = 0.005
 RECORDED_METRICS = (*KEY_METRICS, "covid_specificity", "ece_after", "flagged", "n_test")
 HISTORY_LIMIT = 50
-ENTRY_KEYS = ("bento", "model", "metrics", "export", "action", "reasons", "promoted_at",
+ENTRY_KEYS = ("bento", "model", "metrics", "export", "remote", "action", "reasons", "promoted_at",
               "data_md5", "git_sha", "params_hash")
 
 

@@ -21,16 +21,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import typer
 
-from covid_cxr.release import promotion
+from covid_cxr.console import fail
+from covid_cxr import vcs
 from covid_cxr.config import Paths
+from covid_cxr.release import promotion
 from covid_cxr.release.promotion import PromotionError
+from covid_cxr.runner import Log
 
 MODEL_NAME = "covid_cxr"
-Log = Callable[[str], None]
 
 
 def _store() -> str:
@@ -105,11 +107,21 @@ def _dvc_file(p: Path) -> Path:
     return p.with_name(p.name + ".dvc")
 
 
+def run_outputs(paths: Paths, bento_tag: str) -> list[str]:
+    """The pipeline outputs to push with `bento_tag`: dvc.yaml (every stage's outputs) when the
+    workspace holds the run that built it (artifacts/bento.json names it), else nothing."""
+    from covid_cxr.jsonio import read_json
+
+    built = read_json(paths.artifacts / "bento.json") or {}
+    return ["dvc.yaml"] if built.get("bento") == bento_tag and (paths.root / "dvc.lock").is_file() else []
+
+
 def publish(paths: Paths, bento_tag: str, remote: str | None = None, push: bool = True,
             log: Log | None = None) -> str:
-    """Export the Bento under registry/bentos/, track it with DVC and push it. Returns the export
+    """Export the Bento under registry/bentos/, track it with DVC and push it, with the outputs of
+    the run that built it (so another clone gets artifacts/model by `dvc pull`). Returns the export
     path (relative to the root). A Bento exported before is not exported again."""
-    from covid_cxr.orchestrate.shell import remote_name, run
+    from covid_cxr.runner import run
 
     dest = export_path(paths, bento_tag)
     dvc_file = _dvc_file(dest)
@@ -118,20 +130,24 @@ def publish(paths: Paths, bento_tag: str, remote: str | None = None, push: bool 
             export_bento(bento_tag, dest)
         run(["dvc", "add", _rel(paths, dest)], paths.root, log=log)
     if push:
-        name = remote_name(paths.root, remote, log)
-        run(["dvc", "push", *(["-r", name] if name else []), _rel(paths, dvc_file)], paths.root, log=log)
+        vcs.dvc(paths.root, "push", [_rel(paths, dvc_file), *run_outputs(paths, bento_tag)], remote, log)
     return _rel(paths, dest)
 
 
-def _record_files(paths: Paths, export: str | None) -> list[Path]:
+def _record_files(paths: Paths, export: str | None, with_run: bool = False) -> list[Path]:
+    """What a promotion commits: the record, the export's .dvc file and .gitignore, and dvc.lock when the
+    run that built the Bento is in the workspace (its outputs were pushed with it)."""
     files = [paths.production]
     if export:
         p = paths.root / export
         files += [_dvc_file(p), p.parent / ".gitignore"]
+    if with_run:
+        files.append(paths.root / "dvc.lock")
     return files
 
 
-def _apply(paths: Paths, entry: dict[str, Any], message: str, commit: bool, log: Log | None) -> dict[str, Any]:
+def _apply(paths: Paths, entry: dict[str, Any], message: str, commit: bool, log: Log | None,
+           with_run: bool = False) -> dict[str, Any]:
     """Write the record with `entry` in production and commit it; on a failed commit the old
     record is put back, so production is never changed without its commit."""
     old = paths.production.read_bytes() if paths.production.exists() else None
@@ -139,9 +155,8 @@ def _apply(paths: Paths, entry: dict[str, Any], message: str, commit: bool, log:
     promotion.write_record(paths, rec)
     if commit:
         try:
-            from covid_cxr.orchestrate.shell import git_commit_files
-
-            rec["commit"] = git_commit_files(paths.root, _record_files(paths, entry.get("export")), message, log)
+            rec["commit"] = vcs.git_commit_files(paths.root, _record_files(paths, entry.get("export"), with_run),
+                                                 message, log)
         except Exception:
             if old is None:
                 paths.production.unlink(missing_ok=True)
@@ -182,9 +197,11 @@ def promote(paths: Paths | None = None, bento: str | None = None, *, force: bool
     if not ok:
         return {"promoted": False, "action": action, "reasons": reasons, "bento": d["bento"],
                 "production": promotion.production(paths)}
-    export = publish(paths, d["bento"], remote, push, log)
-    entry = {**d, "export": export, "action": action, "reasons": reasons}
-    _apply(paths, entry, f"promote {d['bento']} (model {d['model']}) to production", commit, log)
+    url = vcs.remote_url(paths.root, remote) if push else None
+    export = publish(paths, d["bento"], url, push, log)
+    entry = {**d, "export": export, "remote": url, "action": action, "reasons": reasons}
+    _apply(paths, entry, f"promote {d['bento']} (model {d['model']}) to production", commit, log,
+           with_run=bool(run_outputs(paths, d["bento"])))
     return {"promoted": True, "action": action, "reasons": reasons, "bento": d["bento"],
             "production": promotion.production(paths)}
 
@@ -206,41 +223,61 @@ def rollback(paths: Paths | None = None, to: str | None = None, *, commit: bool 
 
 
 def pull_production(paths: Paths | None = None, remote: str | None = None, log: Log | None = None) -> dict[str, Any]:
-    """Make the Bento that registry/production.json names servable here: `dvc pull` its export,
-    `bentoml import` it, and check the model inside is the recorded one. Trains nothing."""
-    from covid_cxr.orchestrate.shell import remote_name, run
+    """Make the Bento that registry/production.json names servable here: `dvc pull` its export
+    from the remote the record names (or `remote`: a name, path or URL), `bentoml import` it, and
+    check the model inside is the recorded one. Trains nothing; writes no DVC config.
+    PromotionError, saying what to do, when any of that fails."""
+    from covid_cxr.runner import StepError
 
     paths = paths or Paths()
     rec = promotion.production(paths)
     if rec is None:
-        raise PromotionError(f"nothing is in production ({paths.production})")
+        raise PromotionError(f"nothing is in production: {paths.production.relative_to(paths.root)} names no Bento. "
+                             "`git pull` the team's record, or promote a Bento with `covid-cxr promote`")
     if not in_store(rec["bento"]):
         if not rec.get("export"):
-            raise PromotionError(f"the production record names no exported Bento for {rec['bento']}")
+            raise PromotionError(f"the production record names no exported Bento for {rec['bento']}: "
+                                 "promote it again (`covid-cxr promote --force " + rec["bento"] + "`) where it was built")
+        where = remote or rec.get("remote")
+        if where is None:
+            raise PromotionError("the production record does not say which DVC remote holds its Bento (a record "
+                                 "written before remotes were recorded): pass --remote NAME|PATH|URL")
+        if vcs.is_location(where) and "://" not in where and not Path(where).expanduser().is_dir():
+            raise PromotionError(f"the Bento's DVC remote {where} is not a folder on this machine: pass --remote "
+                                 "with where that remote is reachable from here (a path or URL)")
         f = paths.root / rec["export"]
-        name = remote_name(paths.root, remote, log)
-        run(["dvc", "pull", *(["-r", name] if name else []), _rel(paths, _dvc_file(f))], paths.root, log=log)
+        try:
+            vcs.dvc(paths.root, "pull", [_rel(paths, _dvc_file(f))], where, log)
+        except StepError as e:
+            raise PromotionError(f"could not fetch {rec['export']} from the DVC remote {where}: {_last_error(e)}. "
+                                 "Check that the promotion was pushed there (`covid-cxr promote` pushes it) "
+                                 "or pass --remote with the right one") from None
         got = import_bento(f)
         if got != rec["bento"]:
-            raise PromotionError(f"{rec['export']} holds {got}, but production names {rec['bento']}")
+            raise PromotionError(f"{rec['export']} holds {got}, but production names {rec['bento']}: "
+                                 "the record and the export disagree; `git pull` and try again")
     d = describe(rec["bento"])
     if rec.get("model") and d["model"] != rec["model"]:
         raise PromotionError(f"{rec['bento']} carries {d['model']}, but production names model {rec['model']}")
     return rec
 
 
+def _last_error(e: Exception) -> str:
+    """The most telling line of a failed `dvc` command (its ERROR line), else the message's last line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.startswith("ERROR")]
+    return (errs or lines or ["unknown error"])[-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001
-    from covid_cxr.orchestrate.shell import StepError
+    from covid_cxr.runner import StepError
 
-    remote_opt = typer.Option(None, "--remote", help="DVC remote name or path (default: the configured one).")
+    remote_opt = typer.Option(None, "--remote", help="DVC remote: a name, a path or a URL (default: the default "
+                              "remote; for pull-production, the one the production record names).")
     commit_opt = typer.Option(True, "--commit/--no-commit", help="git commit the record (default) or only write it.")
 
     @app.command("promote")
@@ -248,7 +285,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001
         bento_tag: str = typer.Argument(None, help="Bento tag (default: the one in artifacts/bento.json)."),
         force: bool = typer.Option(False, "--force", help="Skip the champion comparison (never the gate)."),
         remote: str = remote_opt,
-        push: bool = typer.Option(True, "--push/--no-push", help="dvc push the exported Bento (default)."),
+        push: bool = typer.Option(True, "--push/--no-push", help="dvc push the exported Bento and the outputs of "
+                                  "the run that built it (default)."),
         commit: bool = commit_opt,
     ) -> None:
         """Put a built Bento into production (registry/production.json) if it beats the champion;
@@ -257,7 +295,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001
         try:
             r = promote(paths, bento_tag, force=force, remote=remote, push=push, commit=commit)
         except (PromotionError, StepError) as e:
-            _fail(f"{e}\nProduction unchanged.")
+            fail(f"{e}\nProduction unchanged.")
         for why in r["reasons"]:
             typer.echo(f"  {why}")
         if not r["promoted"]:
@@ -275,7 +313,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001
         try:
             r = rollback(Paths(), to, commit=commit)
         except (PromotionError, StepError) as e:
-            _fail(f"{e}\nProduction unchanged.")
+            fail(f"{e}\nProduction unchanged.")
         typer.echo(f"rolled back: {r['bento']} is in production")
 
     @app.command("pull-production")
@@ -284,5 +322,5 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001
         try:
             rec = pull_production(Paths(), remote)
         except (PromotionError, StepError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(f"{rec['bento']} (model {rec['model']}) is in the local store ({_store()}): covid-cxr serve")

@@ -28,11 +28,28 @@ LIMITATIONS = [
 ]
 
 
-def describe(model_dir: Path, model_tag: str, store_info: Mapping[str, Any], ready: bool,
+def in_production(bento: str | None) -> bool | None:
+    """Is `bento` the one the project's production record names? None when no project is known:
+    `covid-cxr serve` tells the server its project ($COVID_CXR_ROOT); a bare `bentoml serve` does not."""
+    import os
+
+    root = os.environ.get("COVID_CXR_ROOT")
+    if not root:
+        return None
+    rec = read_json(Path(root) / "registry" / "production.json") or {}
+    return bento is not None and rec.get("bento") == bento
+
+
+def describe(model_dir: Path, model_tag: str, bento: str | None, store_info: Mapping[str, Any], ready: bool,
              settings: ServeSettings, batch_sizes: Mapping[int, int]) -> dict[str, Any]:
-    """Model card fields for /metadata: model.json + the evaluation stored with the model."""
-    meta = read_json(model_dir / "model.json") or {}
+    """Model card fields for /metadata: model.json, the evaluation stored with the model, the Bento
+    served and whether it is the production one."""
+    from covid_cxr.model.modelmeta import migrate
+
+    raw = read_json(model_dir / "model.json")
+    meta = migrate(raw) if raw else {}
     md = store_info.get("metadata", {})
+    labels = store_info.get("labels", {})
     # the store copy (packaged model) first; a dev directory's project files next
     metrics = read_json(model_dir / "metrics.json") or md.get("metrics") \
         or read_json(model_dir.parent / "eval" / "metrics.json")
@@ -41,6 +58,8 @@ def describe(model_dir: Path, model_tag: str, store_info: Mapping[str, Any], rea
     return {
         "name": MODEL_NAME,
         "model": model_tag,
+        "bento": bento,
+        "production": in_production(bento),
         "ready": ready,
         "classes": list(CLASSES),
         "arch": meta.get("arch"),
@@ -49,10 +68,9 @@ def describe(model_dir: Path, model_tag: str, store_info: Mapping[str, Any], rea
         "class_bias": meta.get("class_bias"),
         "clean_head": meta.get("clean_head"),
         "data_version": meta.get("data_md5"),
-        "git_sha": meta.get("git_sha"),
+        "git_sha": labels.get("git_sha"),
         "params": meta.get("params"),
-        "params_hash": store_info.get("labels", {}).get("params_hash"),
-        "trained_at": meta.get("trained_at") or meta.get("created_at"),
+        "params_hash": meta.get("params_hash") or labels.get("params_hash"),
         "packaged_at": store_info.get("created"),
         "ood": meta.get("ood"),
         "verdict_policy": meta.get("verdict"),

@@ -1,8 +1,10 @@
-"""Which model the service serves.
+"""Which model the service serves, given as BentoML service arguments (`bentoml.use_arguments`):
 
-    COVID_CXR_MODEL_DIR  a model directory (model.json + model.safetensors), for local dev;
-    otherwise the BentoML model COVID_CXR_MODEL (default `covid_cxr:latest`). A built
-    Bento carries exactly the model version it was built with.
+    --arg model_dir=DIR   a model directory (model.json + model.safetensors): development,
+                          `covid-cxr serve --model-dir DIR`;
+    --arg model=TAG       a model in the BentoML store. `covid-cxr package` builds the Bento with it,
+                          so a built Bento records its one model version in its own arguments;
+    neither               `covid_cxr:latest` from the store.
 """
 from __future__ import annotations
 
@@ -11,30 +13,38 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+from pydantic import BaseModel
 
 from covid_cxr.serve.metadata import MODEL_NAME
 
 
-def dev_model_dir() -> str | None:
-    """COVID_CXR_MODEL_DIR, if set: serve that directory, not a model from the store."""
-    return os.environ.get("COVID_CXR_MODEL_DIR") or None
+class ServeArgs(BaseModel):
+    model: str | None = None       # None: not given (the latest model in the store)
+    model_dir: str | None = None   # None: not given (a store model)
 
 
-def store_model_ref() -> bentoml.models.BentoModel:
-    """The model the service declares (and `bentoml build` packs): COVID_CXR_MODEL or covid_cxr:latest."""
-    return bentoml.models.BentoModel(os.environ.get("COVID_CXR_MODEL") or f"{MODEL_NAME}:latest")
+def serve_args() -> ServeArgs:
+    return bentoml.use_arguments(ServeArgs)
 
 
-def locate_model(svc: Any, ref: bentoml.models.BentoModel | None) -> tuple[Path, str, dict[str, Any]]:
-    """-> (model directory, model tag, store info: labels, metadata, created).
+def store_model_ref(args: ServeArgs) -> bentoml.models.BentoModel:
+    """The model the service declares (and `bentoml build` packs)."""
+    return bentoml.models.BentoModel(args.model or f"{MODEL_NAME}:latest")
 
-    `svc` is the bentoml.Service being served, `ref` the model it declares (None in dev mode)."""
-    d = dev_model_dir()
-    if d:
-        p = Path(d).resolve()
+
+def locate_model(svc: Any, args: ServeArgs, ref: bentoml.models.BentoModel | None
+                 ) -> tuple[Path, str, dict[str, Any]]:
+    """-> (model directory, model id, store info: labels, metadata, created).
+
+    `svc` is the bentoml.Service being served, `ref` the model it declares (None in dev mode).
+    A directory's id is `dir:<sha of its files>` (modelmeta.model_id); a store model's its tag."""
+    from covid_cxr.model.modelmeta import model_id
+
+    if args.model_dir:
+        p = Path(args.model_dir).resolve()
         if not (p / "model.json").is_file():
-            raise RuntimeError(f"COVID_CXR_MODEL_DIR={d}: no model.json there")
-        return p, f"dir:{p}", {}
+            raise RuntimeError(f"model_dir={args.model_dir}: no model.json there")
+        return p, f"dir:{model_id(p)}", {}
     pinned = bento_pinned_model(svc)
     if pinned is not None:
         # Serving a built Bento: its model version, not whatever `latest` is in the store
@@ -46,11 +56,17 @@ def locate_model(svc: Any, ref: bentoml.models.BentoModel | None) -> tuple[Path,
         raise RuntimeError(
             f"BentoML model {ref.tag} is not in the model store "
             f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): run `covid-cxr package`, "
-            "or set COVID_CXR_MODEL_DIR=artifacts/model for local development"
+            "or serve a model directory: `covid-cxr serve --model-dir artifacts/model`"
         )
     info = {"labels": dict(stored.info.labels), "metadata": dict(stored.info.metadata),
             "created": stored.info.creation_time.isoformat()}
     return Path(stored.path), str(stored.tag), info
+
+
+def bento_tag(svc: Any) -> str | None:
+    """The tag of the Bento `svc` was loaded from; None when served from source."""
+    bento = getattr(svc, "bento", None)
+    return None if bento is None else str(bento.tag)
 
 
 def bento_pinned_model(svc: Any) -> str | None:

@@ -1,7 +1,7 @@
 """`covid-cxr predict PATH...`: score files, folders or zips in-process, into a CSV.
 
-    covid-cxr predict incoming/batch-002                       # -> predictions.csv
-    covid-cxr predict scans.zip more/*.dcm --out run.csv --heatmaps run-heatmaps/
+    covid-cxr predict incoming/batch-002 > run.csv             # the CSV on stdout, the summary on stderr
+    covid-cxr predict scans.zip more/*.dcm --out run.csv --heatmaps run-heatmaps/   # resumable
     covid-cxr predict incoming/ --model artifacts/model        # a model directory
     covid-cxr predict incoming/ --model covid_cxr:3f2a...      # a BentoML model tag
 
@@ -17,6 +17,16 @@ Same answer as the service
     goes through `LoadedModel.predict` (calibrated probabilities, novelty, verdict.py's rule):
     `scoring.score_stream`, in this process, with no server. Decoding runs in a small thread pool
     ahead of the model.
+
+Where it writes
+    Only where it is told: the CSV to stdout, or to --out (a second run with the same --out
+    resumes); heat maps only with --heatmaps. Each scored film is appended to the prediction log
+    (serve/monitoring/predlog.py: the service's default location, `bento` null), so `covid-cxr
+    monitor` sees batch scoring too; --no-log leaves it out.
+
+Exit status
+    0 when the run scored its files (some may have failed: their rows carry `error`); 1 when no
+    file could be scored, or none was found; 2 for a missing path.
 
 Privacy
     Nothing of a DICOM's header is written anywhere: the CSV holds the path the user gave, the
@@ -45,17 +55,27 @@ from covid_cxr.serve.predictinput import Item, collect
 # --------------------------------------------------------------------------- model
 
 
-def resolve_model(spec: str | None, paths: Paths | None = None) -> tuple[Path, str]:
-    """--model (a directory or a BentoML tag) or the production model -> (model dir, model tag).
+def looks_like_path(spec: str) -> bool:
+    return "/" in spec or os.sep in spec or spec.startswith((".", "~")) or ":" not in spec
 
-    The tag is what the service reports as `model`: the store tag, or `dir:<path>` for a directory.
-    """
+
+def resolve_model(spec: str | None, paths: Paths | None = None) -> tuple[Path, str]:
+    """--model (a directory or a BentoML tag) or the production model -> (model dir, model id).
+
+    The id is what the service reports as `model`: the store tag, or `dir:<sha of its files>` for a
+    directory (modelmeta.model_id)."""
+    from covid_cxr.model.modelmeta import model_id
+
     if spec:
-        d = Path(spec)
+        d = Path(spec).expanduser()
         if (d / "model.json").is_file():
-            return d.resolve(), f"dir:{d.resolve()}"
+            return d.resolve(), f"dir:{model_id(d)}"
         if d.is_dir():
-            raise PredictError(f"{d} holds no model.json")
+            raise PredictError(f"--model {spec} is not a model directory (no model.json): give the folder "
+                               "`covid-cxr train` writes, e.g. artifacts/model, or a model tag covid_cxr:<version>")
+        if looks_like_path(spec):
+            raise PredictError(f"--model {spec}: no such model directory (nor a model tag, which reads "
+                               "covid_cxr:<version>)")
         return _store_model(spec)
     from covid_cxr.release.promotion import PromotionError, production
 
@@ -77,9 +97,10 @@ def _store_model(tag: str) -> tuple[Path, str]:
 
     try:
         m = bentoml.models.get(tag)
-    except (NotFound, BentoMLException, ValueError) as e:
-        raise PredictError(f"model {tag!r} is neither a model directory nor in the BentoML model store "
-                           f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): {e}") from None
+    except (NotFound, BentoMLException, ValueError):
+        raise PredictError(f"model {tag} is not in the BentoML model store ({os.environ.get('BENTOML_HOME', '~/bentoml')})"
+                           ": `covid-cxr pull-production` fetches production's; `bentoml models list` shows "
+                           "what is there") from None
     return Path(m.path), str(m.tag)
 
 
@@ -150,9 +171,11 @@ def _row(item: Item, **kw) -> dict[str, Any]:
 
 def run_predict(sources: Sequence[str | Path], out: Path, model=None, model_tag: str | None = None, *,
                 model_spec: str | None = None, heatmaps: Path | None = None, batch_size: int = 32,
-                workers: int | None = None, progress: bool = True, overlap: bool = True) -> dict[str, Any]:
+                workers: int | None = None, progress: bool = True, overlap: bool = True,
+                predlog=None) -> dict[str, Any]:
     """Score `sources` into the CSV `out`. Pass a loaded `model` (+ its tag) or `model_spec`
-    (resolve_model's argument). -> the run's summary (see `format_summary`)."""
+    (resolve_model's argument); `predlog` (a predlog.PredictionLog) gets one record per scored film.
+    -> the run's summary (see `format_summary`)."""
     from covid_cxr.evaluation.scoring import score_stream
 
     t_start = time.perf_counter()
@@ -203,6 +226,12 @@ def run_predict(sources: Sequence[str | Path], out: Path, model=None, model_tag:
                         novelty=nov, in_distribution=str(not bool(p.novel[k])).lower(), model=model_tag,
                         heatmap=maps[k], scored_at=now)
                     _count(summary, items[i], labels[k], p.verdict[k], p.reason[k])
+                    if predlog is not None:
+                        f = b.films[k]
+                        predlog.write({"model": model_tag, "bento": None, "label": labels[k],
+                                       "probabilities": dict(zip(CLASSES, (float(v) for v in p.probs[k]))),
+                                       "verdict": p.verdict[k], "reason": p.reason[k], "novelty": nov,
+                                       "flagged": bool(p.novel[k]), **(f.info or {})})
             res.append([rows[i] for i in sorted(rows)])
             summary["scored"] += len(b.indices)
             summary["skipped"] += len(b.skipped)
@@ -269,8 +298,8 @@ def register(app, data_app) -> None:  # noqa: ARG001
     def predict_cmd(
         paths: list[str] = typer.Argument(..., metavar="PATH...", help="Image files, folders (Kaggle or flat "
                                           "<Class>/ layout) or .zip archives."),
-        out: Path = typer.Option(Path("predictions.csv"), "--out", "-o",
-                                 help="CSV to write; an existing one is resumed (scored files are skipped)."),
+        out: Path = typer.Option(None, "--out", "-o", help="CSV to write (default: stdout); an existing one "
+                                 "is resumed (files scored before are skipped)."),
         heatmaps: Path = typer.Option(None, "--heatmaps", help="Write a Grad-CAM overlay PNG per film here."),
         model: str = typer.Option(None, "--model", help="Model directory or BentoML model tag "
                                   "(default: the production model)."),
@@ -279,18 +308,35 @@ def register(app, data_app) -> None:  # noqa: ARG001
         threads: int = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: all cores "
                                     "but one, as the service: the decoding threads get the last one)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+        log: bool = typer.Option(True, "--log/--no-log", help="Append each scored film to the prediction log "
+                                 "(where the service writes it; see `covid-cxr monitor`)."),
     ) -> None:
         """Score X-rays in-process (no server) with the service's forward pass and verdict, into a CSV."""
+        import tempfile
+
         import torch
 
+        from covid_cxr.console import fail
+        from covid_cxr.serve.monitoring.predlog import NullPredictionLog, PredictionLog
+
         torch.set_num_threads(threads or default_threads())
-        try:
-            s = run_predict(paths, out, model_spec=model, heatmaps=heatmaps, batch_size=batch_size,
-                            workers=workers, progress=progress)
-        except PredictError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1)
+        plog = PredictionLog.from_env() if log else NullPredictionLog()
+        with tempfile.TemporaryDirectory(prefix="covid-cxr-predict-") as tmp:
+            target = out or Path(tmp) / "predictions.csv"
+            try:
+                s = run_predict(paths, target, model_spec=model, heatmaps=heatmaps, batch_size=batch_size,
+                                workers=workers, progress=progress, predlog=plog)
+            except PredictError as e:
+                fail(str(e))
+            finally:
+                plog.close()
+            if out is None and target.exists():
+                sys.stdout.write(target.read_text())
+                sys.stdout.flush()
+        if out is None:
+            s["out"] = "stdout"
         typer.echo(format_summary(s), err=True)
         if not s["files"]:
-            typer.secho("error: no image files found in " + " ".join(paths), fg=typer.colors.RED, err=True)
-            raise typer.Exit(1)
+            fail("no image files found in " + " ".join(paths))
+        if not s["scored"] and not s["skipped"]:
+            fail(f"none of the {s['files']} files could be scored ({_counts(s['errors'])})")

@@ -1,6 +1,6 @@
 """The results CSV of `covid-cxr predict` (predict.py).
 
-The CSV (--out, default predictions.csv)
+The CSV (--out, or stdout)
     One row per file: COLUMNS below. A file that cannot be scored gets a row with `error` (the
     reason code, as the API's) and `error_detail`; the run goes on. Rows are appended a batch at a
     time (one write + fsync per batch; a torn last line from a killed run is cut off on the next

@@ -50,18 +50,21 @@ from covid_cxr.data.preprocess import ImageError, resize_gray
 from covid_cxr.serve import multipart
 from covid_cxr.serve.answers import answer, b64png, cam_images, refused, timing_headers
 from covid_cxr.serve.batching import Batcher, Overloaded
+from covid_cxr.serve.contract import ContractMiddleware
 from covid_cxr.serve.guard import GuardMiddleware, error_response
 from covid_cxr.serve.metadata import DISCLAIMER, describe
-from covid_cxr.serve.modelsource import dev_model_dir, locate_model, store_model_ref
-from covid_cxr.serve.predlog import PredictionLog
+from covid_cxr.serve.modelsource import bento_tag, locate_model, serve_args, store_model_ref
+from covid_cxr.serve.monitoring.predlog import PredictionLog
 from covid_cxr.serve.settings import ServeSettings, torch_threads
-from covid_cxr.serve.uploads import Upload, decode_upload
+from covid_cxr.data.checkfilm import CheckedFilm
+from covid_cxr.serve.uploads import decode_upload
 
 log = logging.getLogger("covid_cxr.serve.service")
 
 WEB_DIR = Path(__file__).parent / "web"
 
 multipart.install()
+ARGS = serve_args()   # which model: bento arguments (modelsource.py)
 
 web = FastAPI(title="covid-cxr web", docs_url=None, redoc_url=None, openapi_url=None)
 web.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
@@ -77,15 +80,17 @@ web.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 class CovidCxr:
     """Chest X-ray triage: COVID / Normal / Viral Pneumonia, with calibrated probabilities."""
 
-    if not dev_model_dir():
-        bento_model = store_model_ref()
+    if not ARGS.model_dir:
+        bento_model = store_model_ref(ARGS)
 
     def __init__(self) -> None:
         import torch
 
         self.settings = ServeSettings()
         torch.set_num_threads(torch_threads())
-        self.model_dir, self.model_tag, self.store_info = locate_model(CovidCxr, getattr(self, "bento_model", None))
+        self.model_dir, self.model_tag, self.store_info = locate_model(CovidCxr, ARGS,
+                                                                        getattr(self, "bento_model", None))
+        self.bento = bento_tag(CovidCxr)
         self.model: Any = None
         self.load_error: str | None = None
         self.ready = False
@@ -140,11 +145,11 @@ class CovidCxr:
         return error_response("model_loading", "the model is still loading; retry in a few seconds", 503)
 
     # ---------- decode, classify ----------
-    def _decode_resized(self, path: Path) -> Upload:
+    def _decode_resized(self, path: Path) -> CheckedFilm:
         up = decode_upload(path, self.settings)
         return replace(up, gray=resize_gray(up.gray, self.model.size))
 
-    async def _decode(self, path: Path, full: bool = False) -> Upload:
+    async def _decode(self, path: Path, full: bool = False) -> CheckedFilm:
         """Decode (and, unless `full`, resize to the model's input size) in a worker thread:
         a 100 MP upload must not stall the event loop."""
         if self._decode_limiter is None:
@@ -153,7 +158,7 @@ class CovidCxr:
             return await anyio.to_thread.run_sync(decode_upload, path, self.settings, limiter=self._decode_limiter)
         return await anyio.to_thread.run_sync(self._decode_resized, path, limiter=self._decode_limiter)
 
-    async def _classify(self, items: Sequence[Upload], timing: dict[str, float] | None = None
+    async def _classify(self, items: Sequence[CheckedFilm], timing: dict[str, float] | None = None
                         ) -> tuple[list[dict[str, Any]], int]:
         """Model-size uploads -> (one result per image, the largest forward batch they were part of).
         Each result is also appended to the prediction log (never blocks, never fails the request)."""
@@ -164,13 +169,14 @@ class CovidCxr:
             timing["queue"] = max(0.0, 1000 * (time.perf_counter() - t0) - scored.forward_ms)
         results = [answer(scored.pred, i, self.model_tag) for i in range(len(items))]
         for res, u in zip(results, items):
-            self.predlog.write({"request_id": uuid.uuid4().hex, "model": res["model"], "label": res["label"],
+            self.predlog.write({"request_id": uuid.uuid4().hex, "model": res["model"], "bento": self.bento,
+                                "label": res["label"],
                                 "probabilities": res["probabilities"], "verdict": res["verdict"],
                                 "reason": res["reason"], "novelty": res["novelty"],
                                 "flagged": not res["in_distribution"], **u.info})
         return results, scored.batch_size
 
-    async def _explained(self, image: Path) -> tuple[Upload, dict[str, Any], tuple[np.ndarray, np.ndarray, str]]:
+    async def _explained(self, image: Path) -> tuple[CheckedFilm, dict[str, Any], tuple[np.ndarray, np.ndarray, str]]:
         """-> (the full-size upload, its /predict answer, (shown image, Grad-CAM overlay, CAM method))."""
         up = await self._decode(image, full=True)
         small = await anyio.to_thread.run_sync(resize_gray, up.gray, self.model.size)
@@ -271,8 +277,9 @@ class CovidCxr:
 
     def describe(self) -> dict[str, Any]:
         """Model card fields for /metadata (metadata.py)."""
-        return describe(self.model_dir, self.model_tag, self.store_info, self.ready, self.settings,
+        return describe(self.model_dir, self.model_tag, self.bento, self.store_info, self.ready, self.settings,
                         self.batcher.sizes if self.batcher else {})
 
 
 CovidCxr.add_asgi_middleware(GuardMiddleware)
+CovidCxr.add_asgi_middleware(ContractMiddleware)

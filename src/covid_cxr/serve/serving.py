@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from covid_cxr.console import fail
 from covid_cxr.config import Paths
 
 
@@ -25,23 +26,21 @@ def serve_command(host: str, port: int, model_dir: Path | None = None, paths: Pa
     paths = paths or Paths()
     env = dict(os.environ)
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env["COVID_CXR_ROOT"] = str(paths.root)   # the server says whether it serves production (/metadata)
     base = [sys.executable, "-m", "bentoml", "serve"]
     opts = ["--host", host, "--port", str(port)]
     if model_dir is not None:
-        model_dir = model_dir.resolve()
-        if not (model_dir / "model.json").is_file():
-            _fail(f"{model_dir} holds no model.json: train first (`dvc repro train`)")
-        env["COVID_CXR_MODEL_DIR"] = str(model_dir)
-        return base + ["covid_cxr.serve.service:CovidCxr"] + opts, env
+        check_model_dir(model_dir)
+        return base + ["covid_cxr.serve.service:CovidCxr", "--arg", f"model_dir={model_dir.resolve()}"] + opts, env
 
     from covid_cxr.release.promotion import PromotionError, production
 
     try:
         rec = production(paths)
     except PromotionError as e:
-        _fail(str(e))
+        fail(str(e))
     if rec is None:
-        _fail(f"nothing is in production yet ({paths.production} names no Bento). Build one "
+        fail(f"nothing is in production yet ({paths.production} names no Bento). Build one "
               "(`dvc repro`) and promote it (`covid-cxr promote`); or serve a model "
               "directory for development: `covid-cxr serve --model-dir artifacts/model`.")
     import bentoml
@@ -50,17 +49,20 @@ def serve_command(host: str, port: int, model_dir: Path | None = None, paths: Pa
     try:
         bentoml.get(rec["bento"])
     except NotFound:
-        _fail(f"production names Bento {rec['bento']}, but it is not in the BentoML store "
+        fail(f"production names Bento {rec['bento']}, but it is not in the BentoML store "
               f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): fetch it with `covid-cxr pull-production` "
               "(or check BENTOML_HOME)")
-    env.pop("COVID_CXR_MODEL_DIR", None)
-    env.pop("COVID_CXR_MODEL", None)
     return base + [rec["bento"]] + opts, env
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
+def check_model_dir(model_dir: Path) -> None:
+    """A clear error (exit 1) unless `model_dir` is a model directory."""
+    if not model_dir.exists():
+        fail(f"--model-dir {model_dir}: no such directory")
+    if not (model_dir / "model.json").is_file():
+        fail(f"--model-dir {model_dir} is not a model directory (no model.json): give the folder "
+             "`covid-cxr train` writes, e.g. artifacts/model")
+
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:  # noqa: ARG001

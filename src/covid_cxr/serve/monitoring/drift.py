@@ -24,7 +24,7 @@ from collections import Counter
 from typing import Any, Sequence
 
 from covid_cxr.config import CLASSES
-from covid_cxr.orchestrate.driftsamples import size_bin
+from covid_cxr.serve.monitoring.driftsamples import size_bin
 
 TESTS = ("class_mix", "flagged_share", "refer_share", "confidence", "novelty", "input_size", "input_mode",
          "input_format")

@@ -104,7 +104,9 @@ def window_rows(records: Iterable[dict[str, Any]], since: dt.datetime | None, un
 
 
 def reference_rows(predictions: Path, manifest: Path | None) -> list[dict[str, Any]]:
-    """The evaluate stage's test predictions (+ manifest sizes/modes) as rows.
+    """The evaluate stage's test predictions as rows: with their own `width`, `height`, `mode`
+    columns (evaluate writes them; the copy packaged with a model, `reference.csv`, has them), else
+    the manifest's.
 
     `flagged`: a `flagged` column if there is one, else reason == outside_training_data (verdict.py's
     novelty reason), else unknown. `novelty`: the `novelty` column (older files: `ood_score`).
@@ -128,7 +130,8 @@ def reference_rows(predictions: Path, manifest: Path | None) -> list[dict[str, A
             else:
                 fl = None
             nov = _f(r.get("novelty")) if "novelty" in r else _f(r.get("ood_score"))
-            w, h, mode = sizes.get(r.get("path", ""), (None, None, None))
+            w, h, mode = ((_i(r.get("width")), _i(r.get("height")), r.get("mode") or None) if r.get("width")
+                          else sizes.get(r.get("path", ""), (None, None, None)))
             suffix = Path(r.get("path") or "").suffix.lstrip(".").upper()
             fmt = {"JPG": "JPEG", "TIF": "TIFF", "DCM": "DICOM"}.get(suffix, suffix) or None
             rows.append(_row(label, probs, fl, r.get("verdict") or None, nov, w, h, mode, fmt))
@@ -154,7 +157,7 @@ def size_bin(w: int | None, h: int | None, edges: Sequence[int], square_tol: flo
 
 def log_files(log_path: Path | str) -> list[Path]:
     """The log and its rotated files; a `{pid}` in the name matches every process's log."""
-    from covid_cxr.serve.predrecord import rotated_paths
+    from covid_cxr.serve.monitoring.predrecord import rotated_paths
 
     log_path = Path(log_path)
     if "{pid}" not in log_path.name:

@@ -16,7 +16,7 @@ Settings (environment, read by `from_env`):
 
 | variable                              | default                          | meaning                      |
 |---------------------------------------|----------------------------------|------------------------------|
-| `COVID_CXR_PREDICTION_LOG`            | `<project>/logs/predictions.jsonl` | file path; `off` (or `0`, `false`, `no`, `none`, empty) switches logging off; `{pid}` in it becomes the process id. `<project>` is `config.project_root()`: set the path explicitly where there is no params.yaml (a Bento) |
+| `COVID_CXR_PREDICTION_LOG`            | `~/.local/state/covid-cxr/predictions.jsonl` | file path; `off` (or `0`, `false`, `no`, `none`, empty) switches logging off; `{pid}` in it becomes the process id. The default is `config.state_dir()`: the same for `covid-cxr serve` (a Bento or a model directory), `bentoml serve`, `covid-cxr predict` and `covid-cxr monitor`, whatever folder they run in |
 | `COVID_CXR_PREDICTION_LOG_MAX_MB`     | `50`                             | rotate when the file would pass this size |
 | `COVID_CXR_PREDICTION_LOG_BACKUPS`    | `5`                              | rotated files kept: `predictions.jsonl.1` (newest) … `.N` |
 | `COVID_CXR_PREDICTION_LOG_QUEUE`      | `10000`                          | records buffered before new ones are dropped (counted) |
@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from covid_cxr.config import project_root
-from covid_cxr.serve.predrecord import sanitize
+from covid_cxr.config import state_dir
+from covid_cxr.serve.monitoring.predrecord import sanitize
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,25 @@ ENV_MAX_MB = "COVID_CXR_PREDICTION_LOG_MAX_MB"
 ENV_BACKUPS = "COVID_CXR_PREDICTION_LOG_BACKUPS"
 ENV_QUEUE = "COVID_CXR_PREDICTION_LOG_QUEUE"
 OFF_VALUES = {"", "off", "0", "false", "no", "none", "disabled"}
-DEFAULT_RELPATH = Path("logs") / "predictions.jsonl"
+LOG_NAME = "predictions.jsonl"
 DEFAULT_MAX_MB = 50.0
 DEFAULT_BACKUPS = 5
 DEFAULT_QUEUE = 10_000
 
 
 def default_path() -> Path:
-    return project_root() / DEFAULT_RELPATH
+    """The prediction log's one default location (config.state_dir)."""
+    return state_dir() / LOG_NAME
+
+
+def configured_path(environ: dict[str, str] | None = None) -> Path | None:
+    """Where the prediction log is written and read: $COVID_CXR_PREDICTION_LOG, else `default_path()`;
+    None when that variable switches it off."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_PATH)
+    if raw is not None and raw.strip().lower() in OFF_VALUES:
+        return None
+    return Path(raw).expanduser() if raw else default_path()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,10 +111,9 @@ class PredictionLog:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "PredictionLog | NullPredictionLog":
         env = os.environ if environ is None else environ
-        raw = env.get(ENV_PATH)
-        if raw is not None and raw.strip().lower() in OFF_VALUES:
+        path = configured_path(env)
+        if path is None:
             return NullPredictionLog()
-        path = Path(raw).expanduser() if raw else default_path()
 
         def num(name: str, default: float) -> float:
             try:

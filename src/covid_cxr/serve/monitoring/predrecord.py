@@ -1,14 +1,12 @@
 """What a prediction log line holds (predlog.py writes them), and reading the lines back.
 
 Fields: `time` UTC ISO 8601 (set here when absent); `request_id` a hex/UUID id (set here when
-absent); `model` the model/Bento tag; `label` the most probable class; `probabilities`
+absent); `model` the model's id (its store tag, or `dir:<sha>` for a model directory); `bento` the
+Bento tag it was served from (null: served from source, or `covid-cxr predict`); `label` the most probable class; `probabilities`
 {class: p}; `verdict` `ok`|`refer` and `reason` the refer reason code (verdict.py) or null;
 `novelty` the novelty score or null; `flagged` true when the novelty score is over the model's
 threshold (the answer's `in_distribution` is false); `width`, `height`, `mode`, `format` of the
 upload as opened (format `DICOM` for DICOM); `sha256` of the uploaded bytes.
-
-`describe_upload(path)` gives width, height, mode, format and sha256 of an upload (header only,
-no pixel decode) for callers that do not have them at hand.
 
 What a line can hold is a fixed whitelist (`FIELDS`), each field checked for type and shape:
 unknown keys are dropped, so the log can never carry pixels, file names or DICOM patient fields
@@ -19,7 +17,6 @@ caller gives a valid one.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import numbers
@@ -31,7 +28,7 @@ from typing import Any, Iterable, Iterator
 from covid_cxr.config import CLASSES
 
 # The whole vocabulary of a log line. Nothing else is ever written.
-FIELDS = ("time", "request_id", "model", "label", "probabilities", "verdict", "reason", "novelty", "flagged",
+FIELDS = ("time", "request_id", "model", "bento", "label", "probabilities", "verdict", "reason", "novelty", "flagged",
           "width", "height", "mode", "format", "sha256")
 VERDICTS = ("ok", "refer")
 # PIL image modes; anything else is written as "other".
@@ -144,7 +141,7 @@ def _c_sha256(v: Any) -> Any:
     return _BAD
 
 
-_CHECKS = {"time": _c_time, "request_id": _c_request_id, "model": _c_model, "label": _c_label,
+_CHECKS = {"time": _c_time, "request_id": _c_request_id, "model": _c_model, "bento": _c_model, "label": _c_label,
            "verdict": _c_verdict, "reason": _c_reason, "novelty": _c_novelty, "flagged": _c_flagged,
            "width": _c_side, "height": _c_side, "mode": _c_mode, "format": _c_format, "sha256": _c_sha256}
 _FIELDSET = frozenset(FIELDS)
@@ -191,24 +188,6 @@ def sanitize(record: dict[str, Any]) -> tuple[dict[str, Any], int]:
     if out["request_id"] is None:
         out["request_id"] = uuid.uuid4().hex
     return out, bad
-
-
-def describe_upload(path: Path | str) -> dict[str, Any]:
-    """width, height, mode, format (PIL reads the header only) and sha256 of an uploaded file."""
-    path = Path(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    info: dict[str, Any] = {"sha256": h.hexdigest(), "width": None, "height": None, "mode": None, "format": None}
-    try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            info.update(width=im.width, height=im.height, mode=im.mode, format=im.format)
-    except Exception:  # not an image PIL knows: DICOM and friends are described by the caller
-        pass
-    return info
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ promotion.regressions: the same check the promotion rule applies.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import typer
 
 from covid_cxr.config import Paths, load_params
+from covid_cxr.jsonio import write_json_atomic
 from covid_cxr.release.promotion import KEY_METRICS, champion_tolerance, production, regressions, store_model_path
 
 # (metric, direction, params key): "min" means higher is better.
@@ -105,11 +105,38 @@ def gate(paths: Paths | None = None, params: dict[str, Any] | None = None) -> di
                                                 "flagged")},
         "external": (external or {}).get("groups"),
         "champion": champion,
-        "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     paths.gate.parent.mkdir(parents=True, exist_ok=True)
     paths.gate.write_text(json.dumps(result, indent=2))
+    write_json_atomic(paths.headline, headline(metrics, external, result))
     return result
+
+
+# The one DVC metrics file (`dvc metrics show`, `dvc exp show`): the figures a run is judged by, one
+# row that fits a terminal. Detail stays in eval/metrics.json, eval/external.json and gate.json.
+HEADLINE = (  # column -> where it comes from: (file, key path)
+    ("accuracy", ("metrics", "accuracy")),
+    ("macro_f1", ("metrics", "macro_f1")),
+    ("covid_recall", ("metrics", "covid_recall")),
+    ("ece", ("metrics", "ece_after")),
+    ("referred", ("metrics", "flagged")),
+    ("unseen_cw", ("external", "unseen_hospital_normal", "confident_wrong")),
+    ("tb_cw", ("external", "tuberculosis", "confident_wrong")),
+    ("other_right", ("external", "other_normal", "right")),
+)
+
+
+def headline(metrics: dict[str, Any], external: dict[str, Any] | None, result: dict[str, Any]) -> dict[str, Any]:
+    """artifacts/metrics.json: HEADLINE's figures (4 decimals; null when not measured) and `passed`."""
+    src = {"metrics": metrics, "external": (external or {}).get("groups") or {}}
+    out: dict[str, Any] = {}
+    for name, (where, *keys) in HEADLINE:
+        v: Any = src[where]
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        out[name] = None if v is None else round(float(v), 4)
+    out["passed"] = bool(result["passed"])
+    return out
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import typer
 
 from covid_cxr.config import CLASSES, Paths, load_params
-from covid_cxr.orchestrate.drift import TESTS, compare
-from covid_cxr.orchestrate.driftsamples import log_files, parse_when, reference_rows, size_bin, utcnow, window_rows
+from covid_cxr.serve.monitoring.drift import TESTS, compare
+from covid_cxr.serve.monitoring.driftsamples import log_files, parse_when, reference_rows, size_bin, utcnow, window_rows
 
 OK, DRIFT, INSUFFICIENT = "ok", "drift", "insufficient"
 EXIT_CODES = {OK: 0, DRIFT: 1, INSUFFICIENT: 2}
@@ -39,7 +39,7 @@ def settings(params: dict[str, Any]) -> dict[str, Any]:
     m = params.get("monitor")
     if not isinstance(m, dict):
         raise KeyError("params.yaml has no `monitor:` section")
-    need = ("window", "min_records", "alpha", "min_effect", "size_bins", "square_tolerance", "cron")
+    need = ("window", "min_records", "alpha", "min_effect", "size_bins", "square_tolerance")
     missing = [k for k in need if k not in m]
     if missing:
         raise KeyError(f"params.yaml monitor: missing {', '.join(missing)}")
@@ -49,7 +49,7 @@ def settings(params: dict[str, Any]) -> dict[str, Any]:
         raise KeyError(f"params.yaml monitor.min_effect: missing {', '.join(missing)}")
     s = {"window": str(m["window"]), "min_records": int(m["min_records"]), "alpha": float(m["alpha"]),
          "min_effect": {t: float(eff[t]) for t in TESTS}, "size_bins": sorted(int(b) for b in m["size_bins"]),
-         "square_tolerance": float(m["square_tolerance"]), "cron": str(m["cron"])}
+         "square_tolerance": float(m["square_tolerance"])}
     if not 0 < s["alpha"] < 1 or s["min_records"] < 1:
         raise ValueError("params.yaml monitor: alpha must be in (0, 1) and min_records >= 1")
     return s
@@ -91,17 +91,20 @@ def run_monitor(
     plots: bool = True,
 ) -> dict[str, Any]:
     """Run every test, write the JSON report and its page (`<report>.md` + `<report>_img/*.png`)."""
-    from covid_cxr.serve import predlog, predrecord
+    from covid_cxr.serve.monitoring import predlog, predrecord
 
     paths = Paths(Path(root) if root else None)
     params = params if params is not None else load_params(paths.root / "params.yaml")
     s = settings(params)
     now = now or utcnow()
-    log_path = Path(log_path) if log_path else _log_path_from_env(paths.root)
-    reference = Path(reference) if reference else paths.eval_dir / "predictions.csv"
+    log_path = Path(log_path) if log_path else predlog.configured_path()
+    if log_path is None:
+        raise FileNotFoundError(f"{predlog.ENV_PATH} switches the prediction log off: pass --log PATH")
+    reference = Path(reference) if reference else default_reference(paths)
     manifest = Path(manifest) if manifest else paths.manifest  # joined on path; absent = no sizes
     if not reference.exists():
-        raise FileNotFoundError(f"{reference} does not exist: run `dvc repro evaluate` (or pass --reference)")
+        raise FileNotFoundError(f"{reference} does not exist: `covid-cxr pull-production` brings the production "
+                                "model's, `dvc repro evaluate` the workspace's (or pass --reference)")
     files = log_files(log_path)
     if not files:
         raise FileNotFoundError(f"{log_path} does not exist (no prediction log yet: is the service logging? "
@@ -142,15 +145,21 @@ def run_monitor(
     return report
 
 
-def _log_path_from_env(root: Path) -> Path:
-    import os
+def default_reference(paths: Paths) -> Path:
+    """What the served films are compared with: the production model's own test-split answers, packaged
+    with it (`reference.csv` in the local BentoML store, where `covid-cxr pull-production` puts it);
+    without one, the workspace's (artifacts/eval/predictions.csv)."""
+    from covid_cxr.release.package import REFERENCE
+    from covid_cxr.release.promotion import PromotionError, production, store_model_path
 
-    from covid_cxr.serve import predlog
-
-    raw = os.environ.get(predlog.ENV_PATH)
-    if raw and raw.strip().lower() not in predlog.OFF_VALUES:
-        return Path(raw).expanduser()
-    return root / predlog.DEFAULT_RELPATH
+    try:
+        rec = production(paths)
+    except PromotionError:
+        rec = None
+    stored = store_model_path(rec.get("model")) if rec else None
+    if stored is not None and (stored / REFERENCE).is_file():
+        return stored / REFERENCE
+    return paths.eval_dir / "predictions.csv"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +291,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     def monitor_cmd(
         report: Path = typer.Option(..., "--report", help="JSON report to write (the page goes beside it: .md + _img/)"),
         log: Path | None = typer.Option(None, "--log", help="prediction log (default: $COVID_CXR_PREDICTION_LOG "
-                                        "or logs/predictions.jsonl); its rotated files are read too"),
+                                        "or ~/.local/state/covid-cxr/predictions.jsonl, where the service "
+                                        "writes it); its rotated files are read too"),
         since: str | None = typer.Option(None, "--since", help="window start: ISO date/time or 30m/24h/7d/2w "
                                          "before now (default: params.yaml monitor.window)"),
         until: str | None = typer.Option(None, "--until", help="window end (default: now)"),
