@@ -79,7 +79,7 @@ def main() -> None:
 
     with ExitStack() as st:
         files = [it.file for it in collect([args.source], st).items]
-        films, rules = zip(*(load_film(p, model.size) for p in files))
+        films, rules = zip(*(load_film(p, model.size, model.min_side) for p in files))
     x = np.stack(films)
     n, bs = len(x), args.batch_size
     print(f"{n} files from {args.source}; model {tag} ({model.meta.get('arch')} @ {model.size} px); "

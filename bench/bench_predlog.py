@@ -89,7 +89,7 @@ def parts(recs: list[dict]) -> dict:
 
 def threaded(path: Path, recs: list[dict], threads: int) -> dict:
     """`threads` callers at once: wall time from the start signal to the last write, per record."""
-    log = PredictionLog(path, queue_size=len(recs) + 10)
+    log = PredictionLog(path, max_bytes=50 * 2**20, backups=5, queue_size=len(recs) + 10)
     per = len(recs) // threads
     go = threading.Barrier(threads + 1)
 
@@ -122,7 +122,7 @@ def failing(path: Path, recs: list[dict]) -> dict:
 
     PredictionLog._write = enospc
     try:
-        log = PredictionLog(path, queue_size=len(recs) + 10)
+        log = PredictionLog(path, max_bytes=50 * 2**20, backups=5, queue_size=len(recs) + 10)
         t0 = time.perf_counter()
         for r in recs:
             log.write(r)

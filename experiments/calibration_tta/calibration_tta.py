@@ -74,7 +74,7 @@ def main() -> None:
         imgs = {s: decoded(df[df["split"] == s].reset_index(drop=True), model.size, paths.root, paths.cache)
                 for s in ("valid", "test")}
         for g in groups:
-            imgs[g] = np.stack([load_film(paths.root / "external" / f, model.size)[0]
+            imgs[g] = np.stack([load_film(paths.root / "external" / f, model.size, model.min_side)[0]
                                 for f in ext[ext["group"] == g]["file"]])
         data = {}
         for s, im in imgs.items():

@@ -73,7 +73,7 @@ def grey_photos(size: int) -> np.ndarray:
     for name in PHOTOS:
         buf = io.BytesIO()
         Image.fromarray(load_sample_image(name)).convert("L").save(buf, "PNG")
-        films.append(load_film(buf.getvalue(), size)[0])
+        films.append(load_film(buf.getvalue(), size, 64)[0])
     return np.stack(films)
 
 
@@ -81,7 +81,7 @@ def external_films(root: Path, ext, group: str, size: int) -> np.ndarray:
     """(n, size, size) uint8: one external group's films, in labels.csv order, decoded as uploads are."""
     from covid_cxr.evaluation.scoring import load_film
 
-    return np.stack([load_film(Path(root) / "external" / f, size)[0] for f in ext[ext["group"] == group]["file"]])
+    return np.stack([load_film(Path(root) / "external" / f, size, 64)[0] for f in ext[ext["group"] == group]["file"]])
 
 
 def score_sets(score: Callable[[np.ndarray], dict[str, np.ndarray]], size: int, paths, df, ext, groups,

@@ -111,7 +111,7 @@ def main() -> None:
     ext = pd.read_csv(paths.root / "external" / "labels.csv")
     for g in sorted(ext["group"].unique()):
         files = ext[ext["group"] == g]["file"]
-        sets[g] = (np.stack([load_film(paths.root / "external" / f, model.size)[0] for f in files]), None)
+        sets[g] = (np.stack([load_film(paths.root / "external" / f, model.size, model.min_side)[0] for f in files]), None)
     cache = args.model_dir / "detector_study.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)

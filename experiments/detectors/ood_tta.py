@@ -38,7 +38,7 @@ def main() -> None:
             for s in ("valid", "test")}
     ext = pd.read_csv(paths.root / "external" / "labels.csv")
     for g in sorted(ext["group"].unique()):
-        sets[g] = np.stack([load_film(paths.root / "external" / f, model.size)[0] for f in ext[ext["group"] == g]["file"]])
+        sets[g] = np.stack([load_film(paths.root / "external" / f, model.size, model.min_side)[0] for f in ext[ext["group"] == g]["file"]])
     scores = {}
     for name, imgs in sets.items():
         imgs = np.asarray(imgs)

@@ -82,7 +82,7 @@ def main() -> None:
     for g in groups:
         files = list(ext[ext["group"] == g]["file"])
         def films(size, files=files):
-            loaded = [load_film(paths.root / "external" / f, size) for f in files]
+            loaded = [load_film(paths.root / "external" / f, size, 64) for f in files]
             return np.stack([g for g, _ in loaded]), [rule for _, rule in loaded]
         sets[g] = films
     ys.update(external_labels(ext, groups))

@@ -75,7 +75,7 @@ def main() -> None:
             sets[s] = run(model, decoded(d, model.size, paths.root, paths.cache), None)
             print(f"  {s} scored", flush=True)
         for g in groups:   # with each film's not-an-X-ray rule, as uploads are answered
-            loaded = [load_film(paths.root / "external" / f, model.size) for f in ext[ext["group"] == g]["file"]]
+            loaded = [load_film(paths.root / "external" / f, model.size, model.min_side) for f in ext[ext["group"] == g]["file"]]
             sets[g] = run(model, np.stack([a for a, _ in loaded]), [r for _, r in loaded])
         return sets
     sets = cached_sets(paths.root, "twohead", args.model_dir, compute, "-v2")

@@ -41,6 +41,7 @@ STAGE_MODULES = (  # each registers its commands; in pipeline order
     "data.prepare",
     "data.validate",
     "model.train",
+    "evaluation.negatives",
     "evaluation.external",
     "evaluation.evaluate",
     "release.gate",

@@ -75,6 +75,7 @@ def train_config(params: dict[str, Any]) -> dict[str, Any]:
     cfg["ema"] = t["ema"]
     cfg["calibration"] = t["calibration"]
     cfg["clean_head"] = t["clean_head"]
+    cfg["input_gate"] = t["input_gate"]
     if cfg["clean_head"] and "style" in cfg["clean_head"]["inputs"] and cfg.get("bank_bf16"):
         # measured (docs/trust.md): a style head fitted on bf16 statistics of the train films, scored on
         # serving's float32 ones, lost its gain (valid NLL 0.0423 against 0.0356)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from covid_cxr.evaluation.probes import cam_sample
-from covid_cxr.model.callbacks import cpu_has_bf16
+from covid_cxr.model.precision import cpu_has_bf16
 from covid_cxr.model.nets import arch_norm, build
 from covid_cxr.model.train import embeddings
 

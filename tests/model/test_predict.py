@@ -232,7 +232,7 @@ def test_same_answers_as_loaded_model_predict(tmp_path, real, model, model_dir):
 
     fitted = fx.real_images(2)                                # films the test model was fitted on: verdict ok
     files = [f for c in CLASSES for f in fitted[c] + real[c]]
-    films, rules = zip(*(load_film(f, model.size) for f in files))
+    films, rules = zip(*(load_film(f, model.size, model.min_side) for f in files))
     ref = model.predict(np.stack(films), not_xray=list(rules))
     assert "refer" in ref.verdict and "ok" in ref.verdict     # both verdicts are exercised
     for bs in (1, 4, 32):

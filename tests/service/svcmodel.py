@@ -52,7 +52,8 @@ def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12,
         "normalize": {"mean": list(models.IMAGENET.mean), "std": list(models.IMAGENET.std)},
         "temperature": 1.5,
         "class_bias": None,
-        "verdict": {"min_confidence": 0.0},
+        "verdict": {"min_confidence": 0.0, "covid_triage": None},
+        "input": {"min_side": 64},      # params.yaml validate.min_side, as train records it
     }
     lm = model_io.LoadedModel(net=net, meta=meta, channels_last=False)
     with torch.no_grad():

@@ -6,13 +6,23 @@ way the multipart parser does; no BentoML server is built here.
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import httpx
 import pytest
 
+from covid_cxr.config import load_params
 from covid_cxr.serve import guard
-from covid_cxr.serve.settings import ServeSettings
+from covid_cxr.serve.settings import ServeArgs, ServeSettings, bento_args, serve_params
 from covid_cxr.serve.uploads import decode_upload
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def settings(**serve) -> ServeSettings:
+    """The settings a Bento built from params.yaml gets, with `serve` changed."""
+    return ServeSettings(ServeArgs(**{**serve_params(load_params(REPO / "params.yaml")), **serve}))
 
 
 async def echo_app(scope, receive, send):
@@ -33,12 +43,11 @@ async def echo_app(scope, receive, send):
 FORM = {"Content-Type": "multipart/form-data; boundary=x"}
 
 
-def call(env: dict, monkeypatch, method="POST", path="/predict", headers=None, content=None, form=True):
-    for k in ("COVID_CXR_API_TOKEN", "COVID_CXR_MAX_UPLOAD_MB"):
-        monkeypatch.delenv(k, raising=False)
+def call(env: dict, monkeypatch, method="POST", path="/predict", headers=None, content=None, form=True, **serve):
+    monkeypatch.delenv("COVID_CXR_API_TOKEN", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    app = guard.GuardMiddleware(echo_app)
+    app = guard.GuardMiddleware(echo_app, settings=settings(**serve))
     headers = {**(FORM if form else {}), **(headers or {})}
 
     async def go():
@@ -48,25 +57,32 @@ def call(env: dict, monkeypatch, method="POST", path="/predict", headers=None, c
     return asyncio.run(go())
 
 
-def test_limits_come_from_the_environment(monkeypatch):
-    monkeypatch.setenv("COVID_CXR_MAX_UPLOAD_MB", "2.5")
-    monkeypatch.setenv("COVID_CXR_MAX_PIXELS", "1000000")
-    monkeypatch.setenv("COVID_CXR_MAX_BATCH_FILES", "4")
+def test_the_service_settings_are_params_yaml_serve_and_the_machine_sets_the_token(monkeypatch):
+    serve = serve_params(load_params(REPO / "params.yaml"))
     monkeypatch.setenv("COVID_CXR_API_TOKEN", "abc")
-    lim = ServeSettings()
-    assert lim.max_upload_bytes == int(2.5 * 1024 * 1024)
-    assert lim.max_pixels == 1_000_000 and lim.max_files == 4 and lim.token == "abc"
-    for k in ("COVID_CXR_MAX_UPLOAD_MB", "COVID_CXR_MAX_PIXELS", "COVID_CXR_MAX_BATCH_FILES", "COVID_CXR_API_TOKEN"):
-        monkeypatch.delenv(k)
-    lim = ServeSettings()
-    assert lim.max_upload_bytes == 20 * 1024 * 1024 and lim.max_pixels == 100_000_000 and lim.token is None
+    monkeypatch.delenv("COVID_CXR_TORCH_THREADS", raising=False)
+    lim = ServeSettings(ServeArgs(**serve))
+    assert lim.max_upload_bytes == int(float(serve["max_upload_mb"]) * 1024 * 1024)
+    assert lim.max_pixels == serve["max_pixels"] and lim.max_files == serve["max_batch_files"]
+    assert lim.token == "abc" and lim.torch_threads == os.cpu_count()      # every core, unless the machine says
+    # the same settings travel as the Bento's arguments, and come back the same
+    args = bento_args(load_params(REPO / "params.yaml"))
+    pairs = dict(a.split("=", 1) for a in args[1::2])
+    assert ServeSettings(ServeArgs(**pairs)).__dict__ == lim.__dict__
+    monkeypatch.setenv("COVID_CXR_TORCH_THREADS", "1")
+    assert ServeSettings(ServeArgs(**serve)).torch_threads == 1
+
+
+def test_a_service_started_without_its_settings_says_how_to_start_it():
+    with pytest.raises(RuntimeError, match="covid-cxr serve"):
+        ServeSettings(ServeArgs(model_dir="/x"))
 
 
 @pytest.mark.parametrize("bad", ["abc", "-1", "0"])
-def test_bad_limit_values_fail_loudly(monkeypatch, bad):
-    monkeypatch.setenv("COVID_CXR_MAX_UPLOAD_MB", bad)
-    with pytest.raises(ValueError, match="COVID_CXR_MAX_UPLOAD_MB"):
-        ServeSettings()
+def test_bad_thread_counts_fail_loudly(monkeypatch, bad):
+    monkeypatch.setenv("COVID_CXR_TORCH_THREADS", bad)
+    with pytest.raises(ValueError, match="COVID_CXR_TORCH_THREADS"):
+        settings()
 
 
 def test_no_token_configured_means_open(monkeypatch):
@@ -87,23 +103,21 @@ def test_token(monkeypatch):
 
 
 def test_size_limit_by_content_length(monkeypatch):
-    env = {"COVID_CXR_MAX_UPLOAD_MB": "1"}
-    ok = call(env, monkeypatch, content=b"x" * (1024 * 1024))
+    ok = call({}, monkeypatch, content=b"x" * (1024 * 1024), max_upload_mb=1)
     assert ok.status_code == 200
-    r = call(env, monkeypatch, content=b"x" * (1024 * 1024 + 70 * 1024))
+    r = call({}, monkeypatch, content=b"x" * (1024 * 1024 + 70 * 1024), max_upload_mb=1)
     assert r.status_code == 413 and r.json()["error"] == "upload_too_large"
 
 
 def test_size_limit_when_streamed_without_length(monkeypatch):
-    env = {"COVID_CXR_MAX_UPLOAD_MB": "1"}
 
     async def chunks(n):
         for _ in range(n):
             yield b"y" * 65536
 
-    r = call(env, monkeypatch, content=chunks(8))  # 512 KiB
+    r = call({}, monkeypatch, content=chunks(8), max_upload_mb=1)  # 512 KiB
     assert r.status_code == 200 and r.text == str(8 * 65536)
-    r = call(env, monkeypatch, content=chunks(40))  # 2.5 MiB
+    r = call({}, monkeypatch, content=chunks(40), max_upload_mb=1)  # 2.5 MiB
     assert r.status_code == 413 and r.json()["error"] == "upload_too_large"
 
 
@@ -120,29 +134,26 @@ def test_image_routes_take_form_or_json_only(monkeypatch):
 
 
 def test_decode_applies_the_configured_limits(monkeypatch, tmp_path):
-    """The service's decode step uses ServeSettings (env) for pixels and minimum side."""
+    """The service's decode step uses ServeSettings for pixels, and the model's minimum side."""
     import numpy as np
     from PIL import Image
 
     from covid_cxr.data.preprocess import ImageError
 
-    monkeypatch.setenv("COVID_CXR_MAX_PIXELS", "10000")
-    monkeypatch.setenv("COVID_CXR_MIN_SIDE", "20")
-
-    settings = ServeSettings()
+    settings_ = settings(max_pixels=10000)
     ok = tmp_path / "ok.png"
     Image.fromarray(np.full((90, 100), 7, np.uint8)).save(ok)            # 9000 px
-    up = decode_upload(ok, settings)
+    up = decode_upload(ok, settings_, 20)
     assert up.gray.shape == (90, 100)
     assert up.rule == "not_xray_blank"  # a constant frame: decoded, but not an X-ray
     assert up.info["width"] == 100 and up.info["format"] == "PNG" and len(up.info["sha256"]) == 64
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((101, 100), np.uint8)).save(big)             # 10100 px
     with pytest.raises(ImageError) as e:
-        decode_upload(big, settings)
+        decode_upload(big, settings_, 20)
     assert e.value.code == "too_large"
     small = tmp_path / "small.png"
     Image.fromarray(np.zeros((19, 50), np.uint8)).save(small)
     with pytest.raises(ImageError) as e:
-        decode_upload(small, settings)
+        decode_upload(small, settings_, 20)
     assert e.value.code == "too_small"

@@ -15,6 +15,13 @@ from PIL import Image
 
 from covid_cxr.serve.monitoring import predlog, predrecord
 from covid_cxr.serve.monitoring.predlog import NullPredictionLog, PredictionLog
+
+SERVE_LOG = {"max_mb": 50, "backups": 5, "queue": 10_000}           # params.yaml serve.log_*
+
+
+def PL(path, **kw) -> PredictionLog:  # noqa: N802
+    """A log with params.yaml's rotation unless the test sets its own."""
+    return PredictionLog(path, **{"max_bytes": 50 * 2**20, "backups": 5, "queue_size": 10_000, **kw})
 from covid_cxr.serve.monitoring.predrecord import FIELDS
 
 GOOD = {
@@ -39,7 +46,7 @@ def lines(path: Path) -> list[dict]:
 
 
 def written(tmp_path: Path, *records: dict, **kw) -> list[dict]:
-    with PredictionLog(tmp_path / "p.jsonl", **kw) as log:
+    with PL(tmp_path / "p.jsonl", **kw) as log:
         for r in records:
             assert log.write(r)
     return lines(tmp_path / "p.jsonl")
@@ -70,7 +77,7 @@ def test_unknown_keys_pixels_file_names_and_patient_fields_are_never_written(tmp
         "model": "../../john doe.png",
         "reason": "Patient John Doe",
     }
-    with PredictionLog(tmp_path / "p.jsonl") as log:
+    with PL(tmp_path / "p.jsonl") as log:
         log.write(rec)
         log.flush()
         assert log.stats()["sanitized"] == 1
@@ -112,13 +119,13 @@ def test_bad_probabilities_are_cut_to_known_classes():
     assert out["probabilities"] == {"Viral Pneumonia": 0.1} and bad == 3
 
 
-def test_from_env_default_path_and_off(tmp_path, monkeypatch):
+def test_configured_default_path_and_off(tmp_path, monkeypatch):
     """One default, whatever folder or project a process runs in: the per-user state directory."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("COVID_CXR_ROOT", str(tmp_path / "some-project"))   # the project plays no part
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(predlog.ENV_PATH, raising=False)
-    log = PredictionLog.from_env()
+    log = PredictionLog.configured(SERVE_LOG)
     try:
         assert log.enabled and log.path == tmp_path / "state" / "covid-cxr" / "predictions.jsonl"
         assert predlog.configured_path() == log.path
@@ -127,16 +134,14 @@ def test_from_env_default_path_and_off(tmp_path, monkeypatch):
         log.close()
     for off in ("off", "OFF", "0", "false", "none", ""):
         monkeypatch.setenv(predlog.ENV_PATH, off)
-        null = PredictionLog.from_env()
+        null = PredictionLog.configured(SERVE_LOG)
         assert isinstance(null, NullPredictionLog) and not null.enabled
         assert null.write(GOOD) is False
         null.close()
     assert not (tmp_path / "logs").exists()
 
     monkeypatch.setenv(predlog.ENV_PATH, str(tmp_path / "x" / "p-{pid}.jsonl"))
-    monkeypatch.setenv(predlog.ENV_MAX_MB, "0.5")
-    monkeypatch.setenv(predlog.ENV_BACKUPS, "2")
-    log = PredictionLog.from_env()
+    log = PredictionLog.configured({"max_mb": 0.5, "backups": 2, "queue": 100})
     log.write(GOOD)
     log.close()
     import os
@@ -148,7 +153,7 @@ def test_from_env_default_path_and_off(tmp_path, monkeypatch):
 def test_rotation_by_size_keeps_n_files_and_the_reader_reads_them_in_order(tmp_path):
     p = tmp_path / "p.jsonl"
     n = 400
-    with PredictionLog(p, max_bytes=8 * 1024, backups=3, batch=7) as log:
+    with PL(p, max_bytes=8 * 1024, backups=3, batch=7) as log:
         for i in range(n):
             log.write({**GOOD, "time": f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}+00:00"})
         log.flush()
@@ -172,7 +177,7 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path, caplog, monkey
         real(self, lines_)
 
     monkeypatch.setattr(PredictionLog, "_append", stuck)
-    log = PredictionLog(tmp_path / "p.jsonl", queue_size=5, batch=1)
+    log = PL(tmp_path / "p.jsonl", queue_size=5, batch=1)
     with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.monitoring.predlog"):
         t0 = time.perf_counter()
         ok = [log.write(GOOD) for _ in range(100)]
@@ -188,7 +193,7 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path, caplog, monkey
 
 def test_disk_full_is_logged_once_and_predictions_go_on(tmp_path, caplog, monkeypatch):
     p = tmp_path / "p.jsonl"
-    log = PredictionLog(p, batch=1)
+    log = PL(p, batch=1)
     real = PredictionLog._write
     full = {"on": True}
 
@@ -222,7 +227,7 @@ def test_an_unwritable_location_is_logged_once_never_raised(tmp_path, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the log folder should be")
     with caplog.at_level(logging.WARNING, logger="covid_cxr.serve.monitoring.predlog"):
-        log = PredictionLog(blocker / "logs" / "p.jsonl", batch=1)
+        log = PL(blocker / "logs" / "p.jsonl", batch=1)
         for _ in range(5):
             assert log.write(GOOD)
         log.flush(10)
@@ -232,7 +237,7 @@ def test_an_unwritable_location_is_logged_once_never_raised(tmp_path, caplog):
 
 
 def test_close_writes_what_is_queued_and_later_writes_are_dropped(tmp_path):
-    log = PredictionLog(tmp_path / "p.jsonl")
+    log = PL(tmp_path / "p.jsonl")
     for _ in range(1000):
         log.write(GOOD)
     log.close()
@@ -243,7 +248,7 @@ def test_close_writes_what_is_queued_and_later_writes_are_dropped(tmp_path):
 
 def test_the_callers_dict_may_change_after_write(tmp_path):
     rec = {**GOOD, "probabilities": dict(GOOD["probabilities"])}
-    with PredictionLog(tmp_path / "p.jsonl") as log:
+    with PL(tmp_path / "p.jsonl") as log:
         log.write(rec)
         rec["label"] = "Normal"
         rec["probabilities"]["COVID"] = 0.0
@@ -252,7 +257,7 @@ def test_the_callers_dict_may_change_after_write(tmp_path):
 
 
 def test_many_threads_write_whole_lines(tmp_path):
-    with PredictionLog(tmp_path / "p.jsonl", max_bytes=64 * 1024, backups=50) as log:
+    with PL(tmp_path / "p.jsonl", max_bytes=64 * 1024, backups=50) as log:
         def worker(k):
             for i in range(250):
                 log.write({**GOOD, "width": k * 1000 + i + 1})
@@ -269,7 +274,7 @@ def test_many_threads_write_whole_lines(tmp_path):
 def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({**GOOD, "time": "2025-01-01T00:00:00+00:00"}) + "\n" + '{"time": "2025-01-0')
-    with PredictionLog(p) as log:
+    with PL(p) as log:
         log.write(GOOD)
     recs = list(predrecord.read_records(p))
     assert len(recs) == 2
@@ -286,7 +291,7 @@ def test_an_unexpected_writer_error_does_not_stop_the_writer(tmp_path, monkeypat
         real(self, lines_)
 
     monkeypatch.setattr(PredictionLog, "_append", buggy)
-    log = PredictionLog(tmp_path / "p.jsonl", batch=1)
+    log = PL(tmp_path / "p.jsonl", batch=1)
     log.write(GOOD)
     log.flush(10)
     log.write(GOOD)

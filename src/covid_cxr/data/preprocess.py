@@ -30,7 +30,6 @@ warnings.filterwarnings("ignore", module=r"PIL\.")
 
 # Default guards; serving makes them configurable (env vars, see service.py).
 MAX_PIXELS = 100_000_000          # decompression-bomb guard (Pillow only warns below ~179 MP)
-MIN_SIDE = 16                     # smaller images are refused (COVID_CXR_MIN_SIDE in the service)
 SHOWN_MAX = 512                   # the longest side of the film as /explain and the reports show it
 ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "BMP", "TIFF", "GIF", "WEBP", "PPM"}
 

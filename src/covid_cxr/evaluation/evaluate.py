@@ -50,6 +50,10 @@ def score(pred: dict[str, Any], n_bins: int = 15) -> dict[str, Any]:
     m["clean_head"] = pred["meta"].get("clean_head")
     refer = np.array([v == "refer" for v in p.verdict])
     m["flagged"] = float(refer.mean())
+    covid = pred["y"] == 0
+    silent = covid & (cal.argmax(1) != 0) & ~refer           # COVID films cleared with verdict ok
+    m["silent_covid_miss"] = float(silent.sum() / max(int(covid.sum()), 1))
+    m["silent_covid_misses"] = int(silent.sum())
     m["flagged_by_reason"] = {r: float(np.mean([x == r for x in p.reason])) for r in sorted({x for x in p.reason if x})}
     m["novelty_flag_rate"] = float(p.novel.mean())
     ok = ~refer
@@ -131,6 +135,31 @@ def _plots(pred, m, raw, cal, out: Path, n_bins: int, root: Path) -> dict[str, s
     fig.savefig(out / "reliability.png", dpi=110)
     plt.close(fig)
     files["reliability"] = "img/reliability.png"
+    # the triage trade-off: referral against silent COVID misses, valid (from training) and test
+    from covid_cxr.model.verdict import triage_curve
+
+    other = np.array([v == "refer" and r != "covid_not_excluded" for v, r in zip(pred["pred"].verdict,
+                                                                               pred["pred"].reason)])
+    test_curve = triage_curve(cal, pred["y"], other)
+    valid_curve = (pred["meta"].get("triage_fit") or {}).get("valid_curve") or []
+    level = pred["meta"]["verdict"]["covid_triage"]
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    for curve, name in ((valid_curve, "valid (fitted here)"), (test_curve, "test")):
+        if curve:
+            ax.plot([100 * r["referred"] for r in curve], [100 * r["silent_miss"] for r in curve], ".-", ms=3,
+                    label=name)
+    if level is not None:
+        ax.plot([100 * m["flagged"]], [100 * m["silent_covid_miss"]], "r*", ms=14,
+                label=f"chosen: P(COVID) > {level:.3f} refers")
+    ax.set_xlabel("films referred, any reason (%)")
+    ax.set_ylabel("COVID films cleared silently (%)")
+    ax.set_title("Triage: referral against silent COVID misses")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "triage.png", dpi=110)
+    plt.close(fig)
+    files["triage"] = "img/triage.png"
     # misclassified examples
     wrong = np.flatnonzero(cal.argmax(1) != pred["y"])
     if len(wrong):
@@ -172,12 +201,26 @@ def external_section(ext: dict[str, Any] | None, img_prefix: str = "img/") -> li
         "| group | n | right | flagged | right or flagged | confident and wrong | mean top p | labels given |",
         "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "—" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    negs = {k: v for k, v in g.items() if k.startswith("negatives/")}
+    g = {k: v for k, v in g.items() if k not in negs}
     for name, v in g.items():
         mix = ", ".join(f"{c} {100 * s:.0f} %" for c, s in v["label_mix"].items() if s > 0)
         lines.append(f"| {name} | {v['n']} | {fmt(v['right'])} | {fmt(v['flagged'])} | {fmt(v['right_or_flagged'])} "
                      f"| {fmt(v['confident_wrong'])} | {v['mean_top_probability']:.3f} | {mix} |")
     lines += ["", f"![outcomes]({img_prefix}external_outcomes.png)", "",
               f"![examples]({img_prefix}external_examples.png)", ""]
+    if negs:
+        lines += ["### Images that are not chest films", "",
+                  "CT and MR slices, photographs, screenshots and icons from packages the project installs (stage "
+                  "`negatives`), sent as uploads are. *Refused*: the decode checks turned them away; otherwise the "
+                  "verdict should be `refer` (`not_an_xray`, `not_a_chest_film`, ...).", "",
+                  "| kind | n | refused | refused or referred | answered `ok` as | refer reasons |", "|---|---|---|---|---|---|"]
+        for name, v in negs.items():
+            ok = ", ".join(f"{c} {100 * x:.0f} %" for c, x in v["answered_ok"].items() if x > 0) or "none"
+            why = ", ".join(f"{r} {100 * x:.0f} %" for r, x in v["reasons"].items())
+            lines.append(f"| {name.split('/', 1)[1]} | {v['n']} | {fmt(v['refused'])} | "
+                         f"{fmt(v['refused_or_referred'])} | {ok} | {why} |")
+        lines.append("")
     parts = []
     u, tb = g.get("unseen_hospital_normal"), g.get("tuberculosis")
     if u:
@@ -229,6 +272,8 @@ def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta, ext=None)
     ]
     lines.append(f"| referred (verdict refer, any reason) | {m['flagged']:.4f} "
                  f"({', '.join(f'{k} {v:.4f}' for k, v in m['flagged_by_reason'].items()) or 'none'}) |")
+    lines.append(f"| COVID films cleared silently (answered Normal or VP, verdict ok) | {m['silent_covid_miss']:.4f} "
+                 f"({m['silent_covid_misses']} films) |")
     if m.get("accuracy_not_flagged") is not None:
         lines.append(f"| accuracy on the films not referred | {m['accuracy_not_flagged']:.4f} |")
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | support | ROC-AUC |", "|---|---|---|---|---|---|"]
@@ -239,6 +284,15 @@ def _report(m: dict[str, Any], files: dict[str, str], pred, cal, meta, ext=None)
     lines += ["", "## Plots", ""]
     for k in ("confusion", "roc", "reliability"):
         lines.append(f"![{k}]({files[k]})")
+    level = meta["verdict"]["covid_triage"]
+    lines += ["", "## Triage operating point", "",
+              "A COVID film answered Normal or Viral Pneumonia with verdict `ok` is cleared silently. The triage "
+              "level refers such an answer when its P(COVID) is above it (reason `covid_not_excluded`); it was "
+              "chosen on the validation split to minimise `verdict.triage.miss_cost` x silent misses + referrals. "
+              "The curve is every level's trade-off; the star is the chosen level on test.", "",
+              f"Chosen level: {'none (no triage)' if level is None else f'P(COVID) > {level:.4f}'}; on test: "
+              f"{100 * m['flagged']:.1f} % referred, {100 * m['silent_covid_miss']:.2f} % of COVID films cleared "
+              "silently.", "", f"![triage]({files['triage']})"]
     lines += [""] + external_section(ext) + probes_section(m.get("shortcut_probes"), m["accuracy"])
     wrong = np.flatnonzero(cal.argmax(1) != pred["y"])
     lines += ["", f"## Misclassified examples ({len(wrong)})", ""]

@@ -1,8 +1,11 @@
 """Stage `external`: how the model behaves on films from outside its training sources.
 
 `external/` (external.dvc) holds films from an unseen hospital, Normals of another database,
-and tuberculosis (a disease outside the three classes, label `none`). They are scored here for
-measurement only: nothing in the project trains, calibrates or fits a threshold on them.
+and tuberculosis (a disease outside the three classes, label `none`); the negatives (stage
+`negatives`) are images that are not chest films at all: CT and MR slices, photographs,
+screenshots, icons, scored as uploads are (group `negatives/<kind>`, figure `refused_or_referred`).
+They are scored here for measurement only: nothing in the project trains, calibrates or fits a
+threshold on them.
 
 Per group (`external/labels.csv`: file, group, label), on the calibrated outputs the service
 returns:
@@ -14,6 +17,7 @@ returns:
 """
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -23,6 +27,7 @@ import numpy as np
 import typer
 
 from covid_cxr.config import CLASSES, Paths, load_params
+from covid_cxr.data.preprocess import MAX_PIXELS
 
 NONE = "none"  # label of films that belong to none of the classes
 
@@ -124,6 +129,48 @@ def _plots(groups: dict[str, Any], df, preds, root: Path, img: Path, confident: 
     plt.close(fig)
 
 
+def negatives_summary(model, root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score the negative set (stage `negatives`) as uploads are: -> ({"negatives/<kind>": figures},
+    one row per file). A file the decode checks refuse (too small, not an image, ...) is refused; the
+    share that matters is `refused_or_referred`."""
+    from covid_cxr.data.checkfilm import check_film
+    from covid_cxr.data.preprocess import ImageError, resize_gray
+
+    neg = root / "artifacts" / "negatives"
+    with open(neg / "sources.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    films, rules, idx, out = [], [], [], []
+    for i, r in enumerate(rows):
+        try:
+            f = check_film((neg / r["file"]).read_bytes(), min_side=model.min_side, max_pixels=MAX_PIXELS)
+        except ImageError as e:
+            out.append({"path": f"artifacts/negatives/{r['file']}", "group": f"negatives/{r['kind']}", "label": NONE,
+                        "pred": None, "verdict": "refused", "reason": e.code})
+            continue
+        films.append(resize_gray(f.gray, model.size))
+        rules.append(f.rule)
+        idx.append(i)
+    verdicts: dict[int, tuple[str, str | None, str]] = {}
+    for j in range(0, len(films), 32):
+        p = model.predict(np.stack(films[j:j + 32]), not_xray=rules[j:j + 32])
+        for k in range(len(p.verdict)):
+            verdicts[idx[j + k]] = (p.verdict[k], p.reason[k], p.labels[k])
+    for i, (v, reason, label) in verdicts.items():
+        r = rows[i]
+        out.append({"path": f"artifacts/negatives/{r['file']}", "group": f"negatives/{r['kind']}", "label": NONE,
+                    "pred": label, "verdict": v, "reason": reason})
+    groups: dict[str, Any] = {}
+    for g in sorted({o["group"] for o in out}):
+        mine = [o for o in out if o["group"] == g]
+        kept = [o for o in mine if o["verdict"] == "ok"]
+        groups[g] = {"n": len(mine), "refused": sum(o["verdict"] == "refused" for o in mine) / len(mine),
+                     "refused_or_referred": 1 - len(kept) / len(mine),
+                     "answered_ok": {c: sum(o["pred"] == c for o in kept) / len(mine) for c in CLASSES},
+                     "reasons": {r: sum(o["reason"] == r for o in mine) / len(mine)
+                                 for r in sorted({str(o["reason"]) for o in mine if o["reason"]})}}
+    return groups, out
+
+
 def external(paths: Paths | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
     import pandas as pd
 
@@ -146,16 +193,18 @@ def external(paths: Paths | None = None, params: dict[str, Any] | None = None) -
         raise RuntimeError(f"{len(errors)} external films could not be read, e.g. "
                            f"{df['path'].iloc[next(iter(errors))]}: {next(iter(errors.values())).message}")
     groups = summarise(df, preds, float(cfg["confident"]))
+    neg_groups, neg_rows = negatives_summary(model, paths.root)
     out = paths.eval_dir
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    result = {"confident": float(cfg["confident"]), "model_image_size": model.size, "groups": groups}
+    result = {"confident": float(cfg["confident"]), "model_image_size": model.size, "groups": {**groups, **neg_groups}}
     (out / "external.json").write_text(json.dumps(result, indent=2))
-    pd.DataFrame({
+    pd.concat([pd.DataFrame({
         "path": df["path"], "group": df["group"], "label": df["label"], "pred": preds.labels,
         **{f"p_{c}": np.round(preds.probs[:, i], 5) for i, c in enumerate(CLASSES)},
         "novelty": None if preds.novelty is None else np.round(preds.novelty, 4),
+        "gate": None if preds.gate is None else np.round(preds.gate, 4),
         "verdict": preds.verdict, "reason": preds.reason,
-    }).to_csv(out / "external_predictions.csv", index=False)
+    }), pd.DataFrame(neg_rows)]).to_csv(out / "external_predictions.csv", index=False)
     pd.DataFrame([{"group": g, "outcome": k, "rank": j, "share": round(v[j], 4)}
                   for g, v in outcome_shares(df, preds, float(cfg["confident"])).items()
                   for j, k in enumerate(OUTCOMES)]).to_csv(out / "plots" / "external.csv", index=False)
@@ -164,8 +213,11 @@ def external(paths: Paths | None = None, params: dict[str, Any] | None = None) -
         right = "—" if v["right"] is None else f"{v['right']:.3f}"
         typer.echo(f"  {g:<24} n={v['n']:<4} right {right:<6} flagged {v['flagged']:.3f}  "
                    f"confident-and-wrong {v['confident_wrong']:.3f}")
-    typer.secho(f"✔ external: {len(df)} films in {len(groups)} groups ({time.perf_counter() - t0:.0f} s) "
-                f"-> {out / 'external.json'}", fg=typer.colors.GREEN)
+    for g, v in neg_groups.items():
+        typer.echo(f"  {g:<24} n={v['n']:<4} refused or referred {v['refused_or_referred']:.3f}")
+    typer.secho(f"✔ external: {len(df)} films in {len(groups)} groups, {len(neg_rows)} negatives in "
+                f"{len(neg_groups)} kinds ({time.perf_counter() - t0:.0f} s) -> {out / 'external.json'}",
+                fg=typer.colors.GREEN)
     return result
 
 

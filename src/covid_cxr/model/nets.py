@@ -117,20 +117,25 @@ class CxrNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.body(x))
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, x: torch.Tensor, bf16_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One body pass -> (pooled features, style vector).
 
         The style vector is, for each tap in STYLE_TAPS, the per-channel spatial mean and
-        log standard deviation of that module's output.
+        log standard deviation of that module's output. `bf16_from`: the body modules from this
+        index on run under CPU bfloat16 autocast (None: all in the caller's precision).
         """
         taps = set(STYLE_TAPS[self.arch])
         style = []
         for i, m in enumerate(self.body):
-            x = m(x)
+            if bf16_from is not None and i >= bf16_from:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    x = m(x)
+            else:
+                x = m(x)
             if i in taps:
                 f = x.float().flatten(2)
                 style += [f.mean(2), f.std(2).clamp_min(1e-6).log()]
-        return self.pool(x), torch.cat(style, dim=1)
+        return self.pool(x.float() if bf16_from is not None else x), torch.cat(style, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

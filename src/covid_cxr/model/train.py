@@ -161,6 +161,10 @@ class Run:
     def channels_last(self) -> bool:
         return bool(self.cfg["channels_last"])
 
+    @staticmethod
+    def images(cache: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(cache[rows])
+
     def decoded(self, size: int) -> np.ndarray:
         from covid_cxr.data.cache import decoded
 
@@ -251,7 +255,8 @@ def fine_tune(run: Run, net, cache: np.ndarray) -> list[dict[str, float]]:
     from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
     from fastai.metrics import accuracy
 
-    from covid_cxr.model.callbacks import bf16_autocast, cpu_has_bf16, live_curves, weight_ema
+    from covid_cxr.model.callbacks import bf16_autocast, live_curves, weight_ema
+    from covid_cxr.model.precision import cpu_has_bf16
     from covid_cxr.progress import quiet_fastai_if_not_tty
 
     cfg = run.cfg
@@ -306,7 +311,7 @@ def final_features(run: Run, net, cache: np.ndarray):
     threshold, stays float32, the numerics of serving."""
     import torch
 
-    from covid_cxr.model.callbacks import cpu_has_bf16
+    from covid_cxr.model.precision import cpu_has_bf16
     from covid_cxr.model.referpolicy import Features
 
     net.eval()
@@ -321,11 +326,33 @@ def final_features(run: Run, net, cache: np.ndarray):
             Features(f_va, s_va, run.labels[run.va], logits_va))
 
 
-def model_meta(run: Run, size: int, policy, history: list[dict[str, float]]) -> dict[str, Any]:
-    """model.json (modelmeta.py, schema 2): a pure function of data, code and params."""
+def fit_gate(run: Run, cache: np.ndarray):
+    """The input gate (model/inputgate.py) on the train films, its threshold on valid; None when
+    params.yaml `train.input_gate` is null."""
+    settings = run.cfg["input_gate"]
+    if not settings:
+        return None
+    from covid_cxr.model.inputgate import fit_input_gate
+
+    negatives = None
+    if float(settings.get("outlier_exposure") or 0) > 0:
+        from covid_cxr.model.inputgate import SIZE
+        from covid_cxr.model.synthneg import generate
+
+        negatives = lambda rng, n: generate(rng, n, SIZE)  # noqa: E731  (at the gate's own size: no resize)
+    with _timed("input gate", run.timings):
+        gate = fit_input_gate(run.images(cache, run.tr), run.images(cache, run.va), settings,
+                              seed=int(run.cfg["seed"]), negatives=negatives, log=typer.echo)
+        typer.echo(f"  input gate: threshold {gate.threshold:.3f} (valid {settings['quantile']} quantile)")
+    return gate
+
+
+def model_meta(run: Run, size: int, policy, history: list[dict[str, float]], min_side: int) -> dict[str, Any]:
+    """model.json (modelmeta.py): a pure function of data, code and params."""
     return {
         "classes": list(CLASSES),
         "image_size": size,
+        "input": {"min_side": min_side},
         "normalize": {"mean": list(run.norm.mean), "std": list(run.norm.std)},
         **policy.meta(),
         "data_md5": data_md5(run.paths.root),
@@ -337,10 +364,29 @@ def model_meta(run: Run, size: int, policy, history: list[dict[str, float]]) -> 
     }
 
 
+def import_training_stack() -> None:
+    """Import fastai and the training helpers before the seeds are set: importing them consumes
+    random numbers, so importing them later would give other weights from the same seed."""
+    import fastai.callback.core  # noqa: F401
+    import fastai.callback.mixup  # noqa: F401
+    import fastai.callback.progress  # noqa: F401
+    import fastai.callback.schedule  # noqa: F401
+    import fastai.data.core  # noqa: F401
+    import fastai.data.load  # noqa: F401
+    import fastai.learner  # noqa: F401
+    import fastai.losses  # noqa: F401
+    import fastai.metrics  # noqa: F401
+
+    import covid_cxr.data.cache  # noqa: F401
+    import covid_cxr.model.callbacks  # noqa: F401
+
+
 def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the body and head, fit the refer policy, write artifacts/model. -> model.json's content."""
     from covid_cxr.model.checkpoint import save_model
     from covid_cxr.model.referpolicy import fit_refer_policy
+
+    import_training_stack()
 
     paths = paths or Paths()
     params = params if params is not None else load_params(paths.root / "params.yaml")
@@ -365,8 +411,15 @@ def train(paths: Paths | None = None, params: dict[str, Any] | None = None) -> d
             typer.echo(f"  clean head on {'+'.join(policy.clean.inputs)}: L2 {policy.clean.l2:g}, "
                        f"T {policy.clean.temperature:.3f} (lowest valid NLL of {len(policy.clean_rows)}); "
                        f"head alone valid acc {head_acc:.4f}")
-    meta = model_meta(run, size, policy, history)
-    save_model(net, meta, paths.model_dir, ood=policy.novelty, clean=policy.clean)
+    gate = fit_gate(run, cache)
+    triage = params["verdict"]["triage"]
+    policy.fit_triage(float(triage["miss_cost"]), float(triage["max_referred"]),
+                      None if gate is None else gate.flags(cache[run.va])[1])
+    typer.echo(f"  triage: refer a non-COVID answer over P(COVID) {policy.covid_triage:.3f} "
+               f"(valid silent COVID misses {policy.triage_point['silent_miss']:.4f}, "
+               f"referred {policy.triage_point['referred']:.4f})")
+    meta = model_meta(run, size, policy, history, int(params["validate"]["min_side"]))
+    save_model(net, meta, paths.model_dir, ood=policy.novelty, clean=policy.clean, gate=gate)
     live.summary["final"] = {"valid_accuracy": policy.valid_accuracy,
                              "temperature": policy.calibration.temperature}  # after calibration
     live.end()

@@ -24,6 +24,7 @@ THRESHOLDS = (
     ("covid_recall", "min", "min_covid_recall"),
     ("ece_after", "max", "max_ece"),
     ("flagged", "max", "max_flagged"),   # share of test films referred, for any reason
+    ("silent_covid_miss", "max", "max_silent_covid_miss"),   # COVID films answered non-COVID with verdict ok
 )
 
 
@@ -120,6 +121,7 @@ HEADLINE = (  # column -> where it comes from: (file, key path)
     ("covid_recall", ("metrics", "covid_recall")),
     ("ece", ("metrics", "ece_after")),
     ("referred", ("metrics", "flagged")),
+    ("covid_miss", ("metrics", "silent_covid_miss")),
     ("unseen_cw", ("external", "unseen_hospital_normal", "confident_wrong")),
     ("tb_cw", ("external", "tuberculosis", "confident_wrong")),
     ("other_right", ("external", "other_normal", "right")),
@@ -135,6 +137,8 @@ def headline(metrics: dict[str, Any], external: dict[str, Any] | None, result: d
         for k in keys:
             v = v.get(k) if isinstance(v, dict) else None
         out[name] = None if v is None else round(float(v), 4)
+    negs = [v["refused_or_referred"] for k, v in src["external"].items() if k.startswith("negatives/")]
+    out["negatives"] = round(min(negs), 4) if negs else None      # the worst kind's refused-or-referred share
     out["passed"] = bool(result["passed"])
     return out
 

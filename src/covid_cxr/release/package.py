@@ -190,28 +190,31 @@ def service_sources(src_dir: Path) -> list[Path]:
                   and (p.suffix == ".py" or p.parent.name == "web"))
 
 
-def bento_version(paths: Paths, model_tag: str) -> str:
-    """A digest of what a Bento is built from: the model, bentofile.yaml and the service's code."""
+def bento_version(paths: Paths, model_tag: str, args: list[str]) -> str:
+    """A digest of what a Bento is built from: the model, its settings, bentofile.yaml and the service's code."""
     src_dir = Path(__file__).resolve().parents[2]
     code = [p.relative_to(src_dir).as_posix().encode() + b"\0" + p.read_bytes() for p in service_sources(src_dir)]
-    return _digest(model_tag.encode(), bentofile(paths).read_bytes(), *code)
+    return _digest(model_tag.encode(), " ".join(args).encode(), bentofile(paths).read_bytes(), *code)
 
 
 def build_bento(paths: Paths, model_tag: str, labels: dict[str, str]) -> str:
-    """`bentoml build` (subprocess, offline) of the service pinned to `model_tag` (the bento argument
-    `model`, modelsource.py), at a content-derived version. Returns the tag; a Bento of that tag
-    already in the store is reused."""
+    """`bentoml build` (subprocess, offline) of the service pinned to `model_tag`, with params.yaml
+    `serve:` (the Bento's arguments: settings.py), at a content-derived version. Returns the tag; a
+    Bento of that tag already in the store is reused."""
     import bentoml
     from bentoml.exceptions import NotFound
 
-    version = bento_version(paths, model_tag)
+    from covid_cxr.serve.settings import bento_args
+
+    args = ["--arg", f"model={model_tag}", *bento_args(load_params(paths.root / "params.yaml"))]
+    version = bento_version(paths, model_tag, args)
     try:
         return str(bentoml.get(f"{MODEL_NAME}:{version}").tag)
     except NotFound:
         pass
     src_dir = Path(__file__).resolve().parents[2]  # .../src: the build context holds covid_cxr/
     cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile(paths)), "--version", version,
-           "--arg", f"model={model_tag}", "--output", "tag"]
+           *args, "--output", "tag"]
     for k, v in labels.items():
         cmd += ["--label", f"{k}={v}"]
     cmd.append(str(src_dir))

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import base64
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.responses import JSONResponse
 
 from covid_cxr.config import CLASSES
 from covid_cxr.data.preprocess import SHOWN_MAX, ImageError
-from covid_cxr.model.checkpoint import LoadedModel, Predictions
 from covid_cxr.model.verdict import REASONS
 from covid_cxr.serve.batching import Overloaded
 from covid_cxr.serve.guard import error_response
 
+if TYPE_CHECKING:   # torch is the worker's, never the supervising process's (service.py imports this)
+    from covid_cxr.model.checkpoint import LoadedModel, Predictions
 
 
-def answer(pred: Predictions, i: int, model_tag: str) -> dict[str, Any]:
+
+def answer(pred: "Predictions", i: int, model_tag: str) -> dict[str, Any]:
     """Image i of a forward pass as the API returns it."""
     nov = None if pred.novelty is None else float(pred.novelty[i])
     reason = pred.reason[i]
@@ -52,7 +54,7 @@ def b64png(arr: np.ndarray) -> str:
     return base64.b64encode(to_png(arr)).decode("ascii")
 
 
-def cam_images(model: LoadedModel, lock: threading.Lock, gray: np.ndarray, small: np.ndarray,
+def cam_images(model: "LoadedModel", lock: threading.Lock, gray: np.ndarray, small: np.ndarray,
                target: int) -> tuple[np.ndarray, np.ndarray, str]:
     """-> (the film as shown, longest side <= SHOWN_MAX; its Grad-CAM overlay for class `target`;
     the CAM method). `small` is the model-size film; `lock` serialises the backward passes."""

@@ -10,15 +10,17 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
-from covid_cxr.model.checkpoint import Predictions
 from covid_cxr.serve.bentoml_private import CorkDispatcher
 
-Predict = Callable[[np.ndarray, Sequence["str | None"]], Predictions]
+if TYPE_CHECKING:   # torch is the worker's, never the supervising process's (service.py imports this)
+    from covid_cxr.model.checkpoint import Predictions
+
+Predict = Callable[[np.ndarray, Sequence["str | None"]], "Predictions"]
 
 
 class Overloaded(RuntimeError):
@@ -29,7 +31,7 @@ class Overloaded(RuntimeError):
 class Scored:
     """One request's images after the forward pass(es) they were part of."""
 
-    pred: Predictions    # one row per image, in the order they were handed over
+    pred: "Predictions"  # one row per image, in the order they were handed over
     forward_ms: float    # the longest of those forward passes
     batch_size: int      # the largest of those forward batches
 
@@ -38,13 +40,15 @@ class Scored:
 class _Row:
     """One image's place in one forward pass."""
 
-    out: Predictions     # the whole forward batch
+    out: "Predictions"   # the whole forward batch
     i: int
     forward_ms: float
 
 
-def _gather(rows: Sequence[_Row]) -> Predictions:
+def _gather(rows: Sequence[_Row]) -> "Predictions":
     """The rows, from one forward pass or two, as one Predictions."""
+    from covid_cxr.model.checkpoint import Predictions
+
     return Predictions(
         logits=np.stack([r.out.logits[r.i] for r in rows]),
         probs=np.stack([r.out.probs[r.i] for r in rows]),
@@ -52,6 +56,7 @@ def _gather(rows: Sequence[_Row]) -> Predictions:
         novel=np.array([r.out.novel[r.i] for r in rows], bool),
         verdict=[r.out.verdict[r.i] for r in rows],
         reason=[r.out.reason[r.i] for r in rows],
+        gate=None if rows[0].out.gate is None else np.stack([r.out.gate[r.i] for r in rows]),
     )
 
 

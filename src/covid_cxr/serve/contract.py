@@ -150,15 +150,16 @@ class ContractMiddleware:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         if path == "/docs.json" and scope.get("method") == "GET":
-            return await self._rewrite(scope, receive, send, lambda status, body: (status, complete(body))
-                                       if status == 200 else None)
+            return await self._rewrite(scope, receive, send, lambda status: status == 200,
+                                       lambda status, body: (status, complete(body)))
         if path in IMAGE_ROUTES:
-            return await self._rewrite(scope, receive, send, lambda status, body: (status, shaped)
-                                       if 400 <= status < 500 and (shaped := error_shape(body)) is not None else None)
+            return await self._rewrite(scope, receive, send, lambda status: 400 <= status < 500,
+                                       lambda status, body: (status, shaped) if (shaped := error_shape(body)) else None)
         return await self.app(scope, receive, send)
 
-    async def _rewrite(self, scope: dict, receive: Any, send: Any, change) -> None:
-        """Buffer a JSON answer and pass it through `change(status, body) -> (status, body) | None`."""
+    async def _rewrite(self, scope: dict, receive: Any, send: Any, wanted, change) -> None:
+        """Buffer a JSON answer whose status is `wanted(status)` and pass it through `change(status, body)
+        -> (status, body) | None`; every other answer streams through untouched."""
         start: dict | None = None
         chunks: list[bytes] = []
         passthrough = False
@@ -169,7 +170,7 @@ class ContractMiddleware:
                 return await send(msg)
             if msg["type"] == "http.response.start":
                 headers = dict(msg.get("headers") or [])
-                if not headers.get(b"content-type", b"").startswith(JSON.encode()):
+                if not wanted(msg["status"]) or not headers.get(b"content-type", b"").startswith(JSON.encode()):
                     passthrough = True
                     return await send(msg)
                 start = msg

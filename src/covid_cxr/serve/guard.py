@@ -39,9 +39,8 @@ class GuardMiddleware:
     counted as it streams and the app's answer is replaced by the 413.
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, settings: ServeSettings) -> None:
         self.app = app
-        settings = ServeSettings()
         self.token = settings.token
         self.max_bytes = settings.max_upload_bytes
         # multipart framing around a max-size file

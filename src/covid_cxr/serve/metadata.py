@@ -41,7 +41,7 @@ def in_production(bento: str | None) -> bool | None:
 
 
 def describe(model_dir: Path, model_tag: str, bento: str | None, store_info: Mapping[str, Any], ready: bool,
-             settings: ServeSettings, batch_sizes: Mapping[int, int]) -> dict[str, Any]:
+             settings: ServeSettings, batch_sizes: Mapping[int, int], precision: str | None = None) -> dict[str, Any]:
     """Model card fields for /metadata: model.json, the evaluation stored with the model, the Bento
     served and whether it is the production one."""
     from covid_cxr.model.modelmeta import migrate
@@ -81,9 +81,11 @@ def describe(model_dir: Path, model_tag: str, bento: str | None, store_info: Map
         "limits": {
             "max_upload_mb": settings.max_upload_bytes / 1024 / 1024,
             "max_pixels": settings.max_pixels,
-            "min_side": settings.min_side,
+            "min_side": (meta.get("input") or {}).get("min_side"),
             "max_batch_files": settings.max_files,
         },
+        "precision": precision,
+        "torch_threads": settings.torch_threads,
         "batching": {"max_batch_size": settings.batch_max_size,
                      "max_latency_ms": settings.batch_max_latency_ms,
                      "batch_sizes_seen": dict(batch_sizes)},

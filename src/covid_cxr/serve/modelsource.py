@@ -13,17 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
-from pydantic import BaseModel
 
 from covid_cxr.serve.metadata import MODEL_NAME
-
-
-class ServeArgs(BaseModel):
-    model: str | None = None       # None: not given (the latest model in the store)
-    model_dir: str | None = None   # None: not given (a store model)
+from covid_cxr.serve.settings import ServeArgs
 
 
 def serve_args() -> ServeArgs:
+    """The service's arguments (settings.py): a built Bento's own, or `bentoml serve --arg`'s."""
     return bentoml.use_arguments(ServeArgs)
 
 

@@ -319,8 +319,13 @@ def register(app, data_app) -> None:  # noqa: ARG001
         from covid_cxr.console import fail
         from covid_cxr.serve.monitoring.predlog import NullPredictionLog, PredictionLog
 
+        from covid_cxr.config import load_params
+        from covid_cxr.serve.settings import serve_params
+
         torch.set_num_threads(threads or default_threads())
-        plog = PredictionLog.from_env() if log else NullPredictionLog()
+        settings = serve_params(load_params(Paths().root / "params.yaml"))
+        plog = PredictionLog.configured({k[4:]: v for k, v in settings.items() if k.startswith("log_")}) \
+            if log else NullPredictionLog()
         with tempfile.TemporaryDirectory(prefix="covid-cxr-predict-") as tmp:
             target = out or Path(tmp) / "predictions.csv"
             try:

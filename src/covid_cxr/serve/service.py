@@ -4,7 +4,8 @@
     bentoml serve covid_cxr:<version>                 # a built Bento
     covid-cxr serve                                   # the Bento in production (registry/production.json)
 
-Which model: modelsource.py. Limits, auth and batching: environment variables, settings.py.
+Which model: modelsource.py. Limits, batching, precision: params.yaml `serve:`, built into the Bento
+as its arguments; the token, the log's place and the threads: environment variables (settings.py).
 
 Endpoints
     POST /predict        multipart `image`             -> {label, probabilities, verdict, reason, message,
@@ -55,7 +56,7 @@ from covid_cxr.serve.guard import GuardMiddleware, error_response
 from covid_cxr.serve.metadata import DISCLAIMER, describe
 from covid_cxr.serve.modelsource import bento_tag, locate_model, serve_args, store_model_ref
 from covid_cxr.serve.monitoring.predlog import PredictionLog
-from covid_cxr.serve.settings import ServeSettings, torch_threads
+from covid_cxr.serve.settings import ServeSettings
 from covid_cxr.data.checkfilm import CheckedFilm
 from covid_cxr.serve.uploads import decode_upload
 
@@ -64,7 +65,8 @@ log = logging.getLogger("covid_cxr.serve.service")
 WEB_DIR = Path(__file__).parent / "web"
 
 multipart.install()
-ARGS = serve_args()   # which model: bento arguments (modelsource.py)
+ARGS = serve_args()                 # which model and params.yaml serve: (settings.py), as bento arguments
+SETTINGS = ServeSettings(ARGS)
 
 web = FastAPI(title="covid-cxr web", docs_url=None, redoc_url=None, openapi_url=None)
 web.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
@@ -86,8 +88,8 @@ class CovidCxr:
     def __init__(self) -> None:
         import torch
 
-        self.settings = ServeSettings()
-        torch.set_num_threads(torch_threads())
+        self.settings = SETTINGS
+        torch.set_num_threads(SETTINGS.torch_threads)
         self.model_dir, self.model_tag, self.store_info = locate_model(CovidCxr, ARGS,
                                                                         getattr(self, "bento_model", None))
         self.bento = bento_tag(CovidCxr)
@@ -97,18 +99,21 @@ class CovidCxr:
         self.batcher: Batcher | None = None
         self._explain_lock = threading.Lock()
         self._decode_limiter: anyio.CapacityLimiter | None = None
-        self.predlog = PredictionLog.from_env()
+        self.predlog = PredictionLog.configured(SETTINGS.log)
         log.info("covid-cxr: model %s from %s", self.model_tag, self.model_dir)
 
     # ---------- lifecycle ----------
     def _load(self) -> None:
         from covid_cxr.model.checkpoint import load_model
 
+        from covid_cxr.model.precision import resolve
+
         t0 = time.perf_counter()
-        model = load_model(self.model_dir)
+        model = load_model(self.model_dir, precision=resolve(self.settings.precision))
         model.predict(np.zeros((1, model.size, model.size), np.uint8))  # first-call allocations
         self.model = model
-        log.info("covid-cxr: model loaded in %.1fs (image_size=%d)", time.perf_counter() - t0, model.size)
+        log.info("covid-cxr: model loaded in %.1fs (image_size=%d, %s, %d threads)", time.perf_counter() - t0,
+                 model.size, model.precision, self.settings.torch_threads)
 
     @bentoml.on_startup
     async def _startup(self) -> None:
@@ -146,7 +151,7 @@ class CovidCxr:
 
     # ---------- decode, classify ----------
     def _decode_resized(self, path: Path) -> CheckedFilm:
-        up = decode_upload(path, self.settings)
+        up = decode_upload(path, self.settings, self.model.min_side)
         return replace(up, gray=resize_gray(up.gray, self.model.size))
 
     async def _decode(self, path: Path, full: bool = False) -> CheckedFilm:
@@ -155,7 +160,8 @@ class CovidCxr:
         if self._decode_limiter is None:
             self._decode_limiter = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
         if full:
-            return await anyio.to_thread.run_sync(decode_upload, path, self.settings, limiter=self._decode_limiter)
+            return await anyio.to_thread.run_sync(decode_upload, path, self.settings, self.model.min_side,
+                                                  limiter=self._decode_limiter)
         return await anyio.to_thread.run_sync(self._decode_resized, path, limiter=self._decode_limiter)
 
     async def _classify(self, items: Sequence[CheckedFilm], timing: dict[str, float] | None = None
@@ -278,8 +284,8 @@ class CovidCxr:
     def describe(self) -> dict[str, Any]:
         """Model card fields for /metadata (metadata.py)."""
         return describe(self.model_dir, self.model_tag, self.bento, self.store_info, self.ready, self.settings,
-                        self.batcher.sizes if self.batcher else {})
+                        self.batcher.sizes if self.batcher else {}, self.model.precision if self.model else None)
 
 
-CovidCxr.add_asgi_middleware(GuardMiddleware)
+CovidCxr.add_asgi_middleware(GuardMiddleware, settings=SETTINGS)
 CovidCxr.add_asgi_middleware(ContractMiddleware)

@@ -30,8 +30,12 @@ def serve_command(host: str, port: int, model_dir: Path | None = None, paths: Pa
     base = [sys.executable, "-m", "bentoml", "serve"]
     opts = ["--host", host, "--port", str(port)]
     if model_dir is not None:
+        from covid_cxr.config import load_params
+        from covid_cxr.serve.settings import bento_args
+
         check_model_dir(model_dir)
-        return base + ["covid_cxr.serve.service:CovidCxr", "--arg", f"model_dir={model_dir.resolve()}"] + opts, env
+        return base + ["covid_cxr.serve.service:CovidCxr", "--arg", f"model_dir={model_dir.resolve()}",
+                       *bento_args(load_params(paths.root / "params.yaml"))] + opts, env
 
     from covid_cxr.release.promotion import PromotionError, production
 

@@ -1,58 +1,89 @@
-"""The service's settings, read from environment variables at start-up.
+"""The service's settings: one source each.
 
-    COVID_CXR_MAX_UPLOAD_MB (20)            request bodies / single files above this -> 413
-    COVID_CXR_MAX_PIXELS (100000000)        decoded image area above this -> 413 (checked before decoding)
-    COVID_CXR_MIN_SIDE (16)                 smaller images -> 422
-    COVID_CXR_MAX_BATCH_FILES (32)          files per /predict_batch request
-    COVID_CXR_BATCH_MAX_SIZE (16)           images per forward pass (adaptive batching, at least 2)
-    COVID_CXR_BATCH_MAX_LATENCY_MS (1000)   the longest an image may wait in the batching queue
-    COVID_CXR_API_TOKEN                     if set, every endpoint but /, /static/*, /healthz, /livez
-                                            and /readyz needs `Authorization: Bearer <token>` (401)
-    COVID_CXR_TORCH_THREADS                 torch intra-op threads (default: all cores but one)
-
-(Not to be confused with `covid_cxr.data.imagecheck.Limits`, the data rules of `data check`.)
+- What the service is (limits, batching, precision, the prediction log's rotation): params.yaml
+  `serve:`. `covid-cxr package` builds them into the Bento as its arguments (`bentoml build --arg`),
+  so a Bento carries the settings it was built and tested with; `covid-cxr serve --model-dir`
+  passes the project's. The service reads them with `bentoml.use_arguments` (ServeArgs).
+- What an operator sets per machine: environment variables, three of them:
+      COVID_CXR_API_TOKEN       if set, every endpoint but /, /static/*, /healthz, /livez and /readyz
+                                needs `Authorization: Bearer <token>` (401)
+      COVID_CXR_PREDICTION_LOG  where the prediction log goes (default ~/.local/state/covid-cxr/
+                                predictions.jsonl; `off` switches it off): serve/monitoring/predlog.py
+      COVID_CXR_TORCH_THREADS   torch threads of the worker (default: every core)
+`covid-cxr serve --help` and /metadata show the values in force.
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from covid_cxr.data.preprocess import MAX_PIXELS, MIN_SIDE
+from pydantic import BaseModel
+
+SERVE_KEYS = ("max_upload_mb", "max_pixels", "max_batch_files", "batch_max_size", "batch_max_latency_ms",
+              "precision", "log_max_mb", "log_backups", "log_queue")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def env_num(name: str, default: float) -> float:
-    """A positive number from the environment; `default` when unset or blank, ValueError naming
-    the variable when it is not a positive number."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if v <= 0:
-        raise ValueError(f"{name} must be > 0, got {raw}")
-    return v
+class ServeArgs(BaseModel):
+    """The Bento's arguments: which model (modelsource.py) and params.yaml `serve:`."""
+
+    model: str | None = None                 # a model in the BentoML store (a built Bento names its own)
+    model_dir: str | None = None             # a model directory (development)
+    max_upload_mb: float | None = None       # None: not given (a Bento built without them cannot serve)
+    max_pixels: int | None = None
+    max_batch_files: int | None = None
+    batch_max_size: int | None = None
+    batch_max_latency_ms: int | None = None
+    precision: str | None = None
+    log_max_mb: float | None = None
+    log_backups: int | None = None
+    log_queue: int | None = None
+
+
+def serve_params(params: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml `serve:`, checked: every key, nothing else."""
+    s = dict(params["serve"])
+    missing, extra = [k for k in SERVE_KEYS if k not in s], [k for k in s if k not in SERVE_KEYS]
+    if missing or extra:
+        raise KeyError(f"params.yaml serve: missing {missing or '-'}, unknown {extra or '-'}")
+    if s["precision"] not in PRECISIONS:
+        raise ValueError(f"params.yaml serve.precision must be one of {PRECISIONS}, not {s['precision']!r}")
+    return s
+
+
+def bento_args(params: dict[str, Any]) -> list[str]:
+    """`--arg key=value` for each setting of params.yaml `serve:` (bentoml build / bentoml serve)."""
+    return [a for k, v in serve_params(params).items() for a in ("--arg", f"{k}={v}")]
 
 
 class ServeSettings:
-    """Request limits, batching and auth of the HTTP service (see the module docstring)."""
+    """The settings in force: the service's from its arguments, the machine's from the environment."""
 
-    def __init__(self) -> None:
-        self.max_upload_bytes = int(env_num("COVID_CXR_MAX_UPLOAD_MB", 20) * 1024 * 1024)
-        self.max_pixels = int(env_num("COVID_CXR_MAX_PIXELS", MAX_PIXELS))
-        self.min_side = int(env_num("COVID_CXR_MIN_SIDE", MIN_SIDE))
-        self.max_files = int(env_num("COVID_CXR_MAX_BATCH_FILES", 32))
-        self.batch_max_size = max(2, int(env_num("COVID_CXR_BATCH_MAX_SIZE", 16)))
-        self.batch_max_latency_ms = int(env_num("COVID_CXR_BATCH_MAX_LATENCY_MS", 1000))
+    def __init__(self, args: ServeArgs) -> None:
+        missing = [k for k in SERVE_KEYS if getattr(args, k) is None]
+        if missing:
+            raise RuntimeError(f"the service was started without its settings ({', '.join(missing)}): start it with "
+                               "`covid-cxr serve`, or serve a Bento `covid-cxr package` built (params.yaml serve:)")
+        self.max_upload_bytes = int(float(args.max_upload_mb) * 1024 * 1024)
+        self.max_pixels = int(args.max_pixels)
+        self.max_files = int(args.max_batch_files)
+        self.batch_max_size = max(2, int(args.batch_max_size))
+        self.batch_max_latency_ms = int(args.batch_max_latency_ms)
+        self.precision = str(args.precision)
+        self.log = {"max_mb": float(args.log_max_mb), "backups": int(args.log_backups), "queue": int(args.log_queue)}
         self.token = os.environ.get("COVID_CXR_API_TOKEN") or None
-
-
-def default_torch_threads() -> int:
-    """All cores but one: the event loop, multipart parsing and decoding need a core of their
-    own, or they stall the forward pass they feed (and vice versa)."""
-    return max(1, (os.cpu_count() or 1) - 1)
+        self.torch_threads = torch_threads()
 
 
 def torch_threads() -> int:
-    """COVID_CXR_TORCH_THREADS, else `default_torch_threads()`."""
-    return int(env_num("COVID_CXR_TORCH_THREADS", default_torch_threads()))
+    """COVID_CXR_TORCH_THREADS, else every core (bench/bench_service.py measured the split)."""
+    raw = os.environ.get("COVID_CXR_TORCH_THREADS", "").strip()
+    if not raw:
+        return max(1, os.cpu_count() or 1)
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"COVID_CXR_TORCH_THREADS={raw!r} is not a whole number") from None
+    if n < 1:
+        raise ValueError(f"COVID_CXR_TORCH_THREADS must be >= 1, got {raw}")
+    return n

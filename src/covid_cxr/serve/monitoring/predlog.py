@@ -2,7 +2,7 @@
 
 The service calls three things::
 
-    log = PredictionLog.from_env()          # once, at start-up
+    log = PredictionLog.configured(settings.log)   # once, at start-up
     log.write({"request_id": ..., "model": ..., "label": ..., "probabilities": {...},
                "verdict": "ok" | "refer", "reason": None | "low_confidence" | ...,
                "novelty": 1.23 | None, "flagged": False,
@@ -12,14 +12,13 @@ The service calls three things::
 Each record is cut down to the whitelist of predrecord.py (`sanitize`) before it is written;
 predrecord.py also reads the log back.
 
-Settings (environment, read by `from_env`):
-
-| variable                              | default                          | meaning                      |
-|---------------------------------------|----------------------------------|------------------------------|
-| `COVID_CXR_PREDICTION_LOG`            | `~/.local/state/covid-cxr/predictions.jsonl` | file path; `off` (or `0`, `false`, `no`, `none`, empty) switches logging off; `{pid}` in it becomes the process id. The default is `config.state_dir()`: the same for `covid-cxr serve` (a Bento or a model directory), `bentoml serve`, `covid-cxr predict` and `covid-cxr monitor`, whatever folder they run in |
-| `COVID_CXR_PREDICTION_LOG_MAX_MB`     | `50`                             | rotate when the file would pass this size |
-| `COVID_CXR_PREDICTION_LOG_BACKUPS`    | `5`                              | rotated files kept: `predictions.jsonl.1` (newest) … `.N` |
-| `COVID_CXR_PREDICTION_LOG_QUEUE`      | `10000`                          | records buffered before new ones are dropped (counted) |
+Where: `COVID_CXR_PREDICTION_LOG` (a file path; `off`, `0`, `false`, `no`, `none` or empty switch
+logging off; `{pid}` in it becomes the process id), else `~/.local/state/covid-cxr/predictions.jsonl`
+(`config.state_dir()`): the same for `covid-cxr serve` (a Bento or a model directory), `bentoml
+serve`, `covid-cxr predict` and `covid-cxr monitor`, whatever folder they run in. Rotation:
+params.yaml `serve.log_max_mb` (rotate when the file would pass it), `serve.log_backups` (rotated
+files kept: `predictions.jsonl.1` newest … `.N`), `serve.log_queue` (records buffered before new
+ones are dropped, counted).
 
 Writing never slows or fails a prediction: `write()` only copies the dict and puts it on a
 bounded queue (no I/O, no locks held for long, never raises); a daemon thread validates,
@@ -34,7 +33,6 @@ import datetime as dt
 import errno
 import json
 import logging
-import math
 import os
 import queue
 import threading
@@ -48,14 +46,8 @@ from covid_cxr.serve.monitoring.predrecord import sanitize
 log = logging.getLogger(__name__)
 
 ENV_PATH = "COVID_CXR_PREDICTION_LOG"
-ENV_MAX_MB = "COVID_CXR_PREDICTION_LOG_MAX_MB"
-ENV_BACKUPS = "COVID_CXR_PREDICTION_LOG_BACKUPS"
-ENV_QUEUE = "COVID_CXR_PREDICTION_LOG_QUEUE"
 OFF_VALUES = {"", "off", "0", "false", "no", "none", "disabled"}
 LOG_NAME = "predictions.jsonl"
-DEFAULT_MAX_MB = 50.0
-DEFAULT_BACKUPS = 5
-DEFAULT_QUEUE = 10_000
 
 
 def default_path() -> Path:
@@ -82,15 +74,14 @@ _STOP = object()
 class PredictionLog:
     """Append-only JSON-lines log with size rotation, written by a background thread.
 
-    `write()` never blocks on I/O and never raises. Use `from_env()` in the service, in the
+    `write()` never blocks on I/O and never raises. Use `configured()` in the service, in the
     serving process (the service's `__init__`, not at import: a forked child has no writer thread).
     One writer per file: with several processes, put `{pid}` in the path (the monitor reads them all).
     """
 
     enabled = True
 
-    def __init__(self, path: Path | str, *, max_bytes: int = int(DEFAULT_MAX_MB * 2**20),
-                 backups: int = DEFAULT_BACKUPS, queue_size: int = DEFAULT_QUEUE, batch: int = 512) -> None:
+    def __init__(self, path: Path | str, *, max_bytes: int, backups: int, queue_size: int, batch: int = 512) -> None:
         self.path = Path(str(path).replace("{pid}", str(os.getpid())))
         self.max_bytes = max(1024, int(max_bytes))
         self.backups = max(0, int(backups))
@@ -109,22 +100,15 @@ class PredictionLog:
 
     # ---- construction from the environment ----
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "PredictionLog | NullPredictionLog":
-        env = os.environ if environ is None else environ
-        path = configured_path(env)
+    def configured(cls, log: dict[str, Any], environ: dict[str, str] | None = None
+                   ) -> "PredictionLog | NullPredictionLog":
+        """The log where `configured_path` says, rotated as `log` says ({max_mb, backups, queue}:
+        params.yaml `serve.log_*`); the switched-off log when the environment says off."""
+        path = configured_path(environ)
         if path is None:
             return NullPredictionLog()
-
-        def num(name: str, default: float) -> float:
-            try:
-                v = float(env.get(name, default))
-                return v if math.isfinite(v) and v >= 0 else default
-            except ValueError:
-                log.warning("prediction log: %s=%r is not a number; using %s", name, env.get(name), default)
-                return default
-
-        return cls(path, max_bytes=int(num(ENV_MAX_MB, DEFAULT_MAX_MB) * 2**20),
-                   backups=int(num(ENV_BACKUPS, DEFAULT_BACKUPS)), queue_size=int(num(ENV_QUEUE, DEFAULT_QUEUE)))
+        return cls(path, max_bytes=int(float(log["max_mb"]) * 2**20), backups=int(log["backups"]),
+                   queue_size=int(log["queue"]))
 
     # ---- caller side: cheap, never raises ----
     def write(self, record: dict[str, Any]) -> bool:
