@@ -13,7 +13,8 @@ KAGGLE_ROOT = "COVID-19_Radiography_Dataset"
 
 
 def project_root() -> Path:
-    """The repo root: $COVID_CXR_ROOT, else the nearest parent holding params.yaml, else cwd."""
+    """The repo root: $COVID_CXR_ROOT, else the nearest parent of cwd holding params.yaml, else the
+    checkout this package runs from (`covid-cxr predict` in any folder), else cwd."""
     env = os.environ.get("COVID_CXR_ROOT")
     if env:
         return Path(env).resolve()
@@ -21,7 +22,8 @@ def project_root() -> Path:
     for p in (here, *here.parents):
         if (p / "params.yaml").exists():
             return p
-    return here
+    checkout = Path(__file__).resolve().parents[2]        # src/covid_cxr/config.py -> the checkout
+    return checkout if (checkout / "params.yaml").exists() and (checkout / "dvc.yaml").exists() else here
 
 
 class Paths:
@@ -76,10 +78,5 @@ def train_config(params: dict[str, Any]) -> dict[str, Any]:
     cfg["calibration"] = t["calibration"]
     cfg["clean_head"] = t["clean_head"]
     cfg["input_gate"] = t["input_gate"]
-    if cfg["clean_head"] and "style" in cfg["clean_head"]["inputs"] and cfg.get("bank_bf16"):
-        # measured (docs/trust.md): a style head fitted on bf16 statistics of the train films, scored on
-        # serving's float32 ones, lost its gain (valid NLL 0.0423 against 0.0356)
-        raise ValueError(f"train.profiles.{prof}.bank_bf16 is true, but train.clean_head.inputs reads style: "
-                         "its early-layer statistics under bf16 are not the float32 ones the service computes; "
-                         "set bank_bf16: false")
+    cfg["inference"] = t["inference"]
     return cfg

@@ -207,7 +207,7 @@ def test_commit_true_commits_data_dvc_the_promotion_and_the_ledger_only(prefect_
     assert files["data:"] == ["data.dvc"]
     prod = json.loads(fake_project.production.read_text())
     assert sorted(files["promote"]) == sorted(["registry/production.json", prod["export"] + ".dvc",
-                                               "registry/bentos/.gitignore"])
+                                               "registry/bentos/.gitignore", "dvc.lock"])   # the run it promotes
     assert files["inbox:"] == ["registry/inbox-ledger.json"]
     assert "batch-test" in commits[0][1]
     assert "untracked-note.txt" in fake_project.git("status", "--porcelain")

@@ -140,7 +140,7 @@ def style_head(two_heads):
     from covid_cxr.model.checkpoint import load_model, save_model
 
     one, two, x, _ = two_heads
-    m = load_model(one)
+    m = load_model(one, precision="float32")
     _, feats, style = m.forward(x)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(len(CLASSES), feats.shape[1] + style.shape[1], generator=g) * 0.05
@@ -172,7 +172,7 @@ def test_grad_cam_explains_the_answer_a_two_head_model_gives(two_heads):
     from covid_cxr.model.gradcam import gradcam
 
     _, two, x, worst = two_heads
-    m = load_model(two, channels_last=False)
+    m = load_model(two, channels_last=False, precision="float32")   # Grad-CAM differentiates in float32
     cams, scores, _ = gradcam(m.net, m.to_input(x), None, head=m.cam_head())
     assert cams.shape == (len(x), 64, 64) and np.isfinite(cams).all()
     np.testing.assert_allclose(scores.exp().numpy(), m.predict(x).probs, atol=1e-5)  # log of the mean answer
@@ -184,7 +184,7 @@ def test_a_style_reading_head_answers_and_explains_with_both_inputs(style_head):
     from covid_cxr.model.gradcam import gradcam
 
     one, out, x, clean, feats, style = style_head
-    m1, m = load_model(one), load_model(out, channels_last=False)
+    m1, m = load_model(one, precision="float32"), load_model(out, channels_last=False, precision="float32")
     assert m.clean.inputs == ("content", "style")
     p = m.predict(x).probs
     np.testing.assert_allclose(p, (m1.predict(x).probs + clean.probs(feats, style)) / 2, atol=1e-5)

@@ -52,18 +52,23 @@ def test_normalize_is_the_documented_affine_map():
     assert not np.allclose(out[0, 0], out[0, 2])  # per-channel statistics, not one shared pair
 
 
-def test_a_style_reading_clean_head_refuses_a_bf16_bank():
-    import copy
-
+def test_the_training_precision_is_recorded_and_served_where_native(monkeypatch):
     import pytest
 
-    params = copy.deepcopy(load_params(project_root() / "params.yaml"))
-    t = params["train"]
-    t["clean_head"] = {"l2": [0.01], "inputs": ["content", "style"]}
-    t["profiles"][t["profile"]]["bank_bf16"] = True
-    with pytest.raises(ValueError, match="bank_bf16"):
-        train_config(params)
-    t["clean_head"]["inputs"] = ["content"]          # pooled features only: bf16 bank allowed
-    assert train_config(params)["bank_bf16"] is True
-    t["clean_head"] = None
-    assert train_config(params)["clean_head"] is None
+    from covid_cxr.model import precision
+
+    params = load_params(project_root() / "params.yaml")
+    setting = train_config(params)["inference"]
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    fitted = precision.fit_inference(setting)
+    assert fitted == {"precision": "bfloat16", "bf16_from": int(setting["bf16_from"])}
+    assert precision.serve_precision(fitted, "auto") == "bfloat16"
+    assert precision.serve_precision(fitted, "float32") == "float32"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)    # no native bf16: float32, both times
+    assert precision.fit_inference(setting) == {"precision": "float32", "bf16_from": None}
+    assert precision.serve_precision(fitted, "auto") == "float32"
+    assert precision.fit_inference({"precision": "float32", "bf16_from": 2})["precision"] == "float32"
+    with pytest.raises(ValueError, match="serve.precision"):
+        precision.serve_precision(fitted, "bfloat16")
+    with pytest.raises(ValueError, match="train.inference.precision"):
+        precision.fit_inference({"precision": "fp16", "bf16_from": 2})

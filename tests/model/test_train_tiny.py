@@ -18,15 +18,20 @@ def test_training_touches_no_network(trained_tiny):
 def test_artifacts_are_weights_only_and_complete(trained_tiny):
     root, meta, _ = trained_tiny
     d = Paths(root).model_dir
-    assert sorted(p.name for p in d.iterdir()) == ["clean_head.safetensors", "model.json", "model.safetensors",
-                                                   "ood.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["clean_head.safetensors", "input_gate.safetensors",
+                                                   "model.json", "model.safetensors", "ood.safetensors"]
     sd = load_file(str(d / "model.safetensors"))  # safetensors: no pickle involved
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     mj = json.loads((d / "model.json").read_text())
     for key in ("arch", "classes", "image_size", "normalize", "temperature", "data_md5", "params", "ood",
-                "verdict", "clean_head"):
+                "verdict", "clean_head", "input_gate", "inference"):
         assert key in mj
-    assert mj["schema"] == 2
+    from covid_cxr.model.modelmeta import SCHEMA
+    from covid_cxr.model.precision import cpu_has_bf16
+
+    assert mj["schema"] == SCHEMA
+    # answers and thresholds in the precision params.yaml train.inference chose for this machine
+    assert mj["inference"]["precision"] == ("bfloat16" if cpu_has_bf16() else "float32")
     # a pure function of data, code and params: the per-run facts go to logs/runs/train.json
     assert not {"git_sha", "trained_at", "timings_s"} & set(mj)
     run = json.loads((root / "logs" / "runs" / "train.json").read_text())

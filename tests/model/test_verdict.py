@@ -13,14 +13,14 @@ P = np.array([[0.98, 0.01, 0.01], [0.5, 0.3, 0.2], [0.97, 0.02, 0.01], [0.9, 0.0
 
 
 def test_reasons_in_order_of_precedence():
-    pol = Policy(min_confidence=0.6)
+    pol = Policy(min_confidence=0.6, covid_triage=None)
     v, r = verdict(P, np.array([False, False, True, True]), pol, [None, None, None, "not_xray_colour"])
     assert v == ["ok", "refer", "refer", "refer"]
     assert r == [None, "low_confidence", "outside_training_data", "not_an_xray"]
 
 
 def test_no_novelty_model_and_zero_floor_refer_nothing():
-    v, r = verdict(P, None, Policy(min_confidence=0.0))
+    v, r = verdict(P, None, Policy(min_confidence=0.0, covid_triage=None))
     assert v == ["ok"] * 4 and r == [None] * 4
 
 

@@ -54,6 +54,7 @@ def build_test_model(out_dir: Path, image_size: int = 96, n_per_class: int = 12,
         "class_bias": None,
         "verdict": {"min_confidence": 0.0, "covid_triage": None},
         "input": {"min_side": 64},      # params.yaml validate.min_side, as train records it
+        "inference": inference(),       # params.yaml train.inference, as train records it on this machine
     }
     lm = model_io.LoadedModel(net=net, meta=meta, channels_last=False)
     with torch.no_grad():
@@ -108,13 +109,28 @@ def metrics(accuracy: float = 0.98, macro_f1: float = 0.975, covid_recall: float
     }
 
 
+def inference() -> dict:
+    """The precision `covid-cxr train` would fit a model in on this machine (model/precision.py)."""
+    import yaml
+
+    from covid_cxr.model.precision import fit_inference
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    return fit_inference(params["train"]["inference"])
+
+
 def write_project(root: Path, model_src: Path | None = None, passed: bool = True, **metric_kw) -> Path:
     """A minimal project tree: params.yaml, artifacts/model, eval/metrics.json, gate.json."""
     import shutil
 
     root = Path(root)
     (root / "artifacts" / "eval").mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text("train:\n  profile: smoke\n")
+    import yaml
+
+    repo_params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    # the project's own serve settings: they become the Bento's arguments
+    (root / "params.yaml").write_text(yaml.safe_dump({"train": {"profile": "smoke"}, "serve": repo_params["serve"]},
+                                                     sort_keys=False))
     if model_src is not None:
         dst = root / "artifacts" / "model"
         if dst.exists():

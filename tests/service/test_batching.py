@@ -23,7 +23,7 @@ def fake_predict(calls: list[int]):
         probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         novelty = v / 1000
         novel = novelty > 0.2
-        verdict, reason = decide(probs, novel, Policy(min_confidence=0.0), not_xray)
+        verdict, reason = decide(probs, novel, Policy(min_confidence=0.0, covid_triage=None), not_xray)
         return Predictions(logits, probs, novelty, novel, verdict, reason)
 
     return predict

@@ -53,7 +53,15 @@ def test_the_serde_table_is_what_the_request_path_reads():
 
 
 def test_the_files_only_parser_is_installed_and_sees_file_fields():
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from covid_cxr.config import load_params, project_root
     from covid_cxr.serve import multipart
+    from covid_cxr.serve.settings import serve_params
+
+    # the arguments `bentoml serve --arg` would give it (the service refuses to start without them)
+    BentoMLContainer.bento_arguments.set({k: str(v) for k, v in
+                                          serve_params(load_params(project_root() / "params.yaml")).items()})
     from covid_cxr.serve.service import CovidCxr
 
     multipart.install()

@@ -21,8 +21,7 @@ from covid_cxr.model.cleanhead import CleanHead, mix
 from covid_cxr.data.preprocess import Norm, normalize_batch
 from covid_cxr.model.inputgate import InputGate
 from covid_cxr.model.modelmeta import CLEAN_HEAD, FILES, INPUT_GATE, META, OOD, SCHEMA, WEIGHTS, check, migrate  # noqa: F401
-from covid_cxr.model.nets import CxrNet, build
-from covid_cxr.model.precision import bf16_start
+from covid_cxr.model.nets import CxrNet, InferenceBody, build
 from covid_cxr.model.novelty import Novelty, OodModel
 from covid_cxr.model.verdict import Policy, decide
 
@@ -53,7 +52,8 @@ class LoadedModel:
     channels_last: bool = True
     clean: CleanHead | None = None   # the second head (model/cleanhead.py), None for one-head models
     gate: InputGate | None = None    # is it a chest film at all (model/inputgate.py), None for older models
-    precision: str = "float32"       # the body's: float32 | bfloat16 (model/precision.py)
+    precision: str = "float32"       # what it answers in: float32 | bfloat16 (model/precision.py)
+    body: InferenceBody | None = None   # the body answers go through (load_model builds it)
 
     @property
     def min_side(self) -> int:
@@ -88,13 +88,10 @@ class LoadedModel:
     @torch.inference_mode()
     def forward(self, grays) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (raw logits, pooled features, style vector), float32 whatever the body ran in."""
-        feats, style = self.net.embed(self.to_input(grays), bf16_from=self.bf16_from)
+        if self.body is None:
+            self.body = inference_body(self.net, self.precision, self.meta, self.channels_last)
+        feats, style = self.body(self.to_input(grays))
         return self.net.head(feats), feats, style
-
-    @property
-    def bf16_from(self) -> int | None:
-        """The first body module run under bfloat16 (model/precision.py), None in float32."""
-        return None if self.precision == "float32" else bf16_start(self.net.arch)
 
     @torch.inference_mode()
     def predict(self, grays, not_xray: Sequence[str | None] | None = None) -> Predictions:
@@ -169,9 +166,17 @@ def load_meta(model_dir: Path) -> dict[str, Any]:
     return migrate(json.loads((Path(model_dir) / META).read_text()))
 
 
-def load_model(model_dir: Path, channels_last: bool = True, precision: str = "float32") -> LoadedModel:
-    """A model directory, ready to predict; `precision`: float32 | bfloat16 (model/precision.resolve)."""
-    if precision not in ("float32", "bfloat16"):
+def inference_body(net: CxrNet, precision: str, meta: dict[str, Any], channels_last: bool = True) -> InferenceBody:
+    """The body a model answers through in `precision` (its model.json `inference` says from which
+    module bfloat16 starts)."""
+    return InferenceBody(net, meta["inference"]["bf16_from"] if precision == "bfloat16" else None, channels_last)
+
+
+def load_model(model_dir: Path, channels_last: bool = True, precision: str | None = None) -> LoadedModel:
+    """A model directory, ready to predict. `precision`: None answers in the precision the model was
+    fitted in (model.json `inference`: evaluation, `predict`); the service passes
+    precision.serve_precision's choice."""
+    if precision not in (None, "float32", "bfloat16"):
         raise ValueError(f"precision must be float32 or bfloat16, not {precision!r}")
     model_dir = Path(model_dir)
     meta = load_meta(model_dir)
@@ -195,5 +200,6 @@ def load_model(model_dir: Path, channels_last: bool = True, precision: str = "fl
         if not (model_dir / INPUT_GATE).exists():
             raise FileNotFoundError(f"model.json names an input gate but {model_dir / INPUT_GATE} is missing")
         gate = InputGate.from_tensors(load_file(str(model_dir / INPUT_GATE)), meta["input_gate"])
+    precision = precision or meta["inference"]["precision"]
     return LoadedModel(net=net, meta=meta, ood=ood, channels_last=channels_last, clean=clean, gate=gate,
-                       precision=precision)
+                       precision=precision, body=inference_body(net, precision, meta, channels_last))

@@ -3,9 +3,11 @@
 Every reader of model.json goes through `checkpoint.load_meta`, which applies `migrate`, so the
 rest of the code reads one layout and never guesses a model's age from missing keys.
 
-Schema 3 (written by `checkpoint.save_model` since 2026-12-06):
-    schema             3
+Schema 4 (written by `checkpoint.save_model` since 2026-12-06):
+    schema             4
     arch, classes, image_size, normalize {mean, std}
+    inference {precision, bf16_from}   what the body answers in, and every threshold was fitted on
+                                     (model/precision.py: float32, or bfloat16 from body module bf16_from)
     input {min_side}                 the smallest image side accepted (params.yaml validate.min_side: the same
                                      for `data check`, the service and `predict`, which read it here)
     temperature, class_bias          calibration (model/calibration.py)
@@ -19,7 +21,7 @@ Schema 3 (written by `checkpoint.save_model` since 2026-12-06):
     valid_accuracy, clean_head_fit, n_train, n_valid, history   the fit, on train and valid
 No per-run facts (times, durations, commits): a model.json is a pure function of data, code and params.
 
-Schema 2 had no `input`, `verdict.covid_triage` or input gate. Schema 1 (files without `schema`) is
+Schema 3 had no `inference` (its models answer in float32). Schema 2 had no `input`, `verdict.covid_triage` or input gate. Schema 1 (files without `schema`) is
 every layout before that; `migrate` maps each variant, one schema at a time.
 """
 from __future__ import annotations
@@ -33,8 +35,9 @@ from typing import Any
 WEIGHTS, META, OOD, CLEAN_HEAD = "model.safetensors", "model.json", "ood.safetensors", "clean_head.safetensors"
 INPUT_GATE = "input_gate.safetensors"
 FILES = (WEIGHTS, META, OOD, CLEAN_HEAD, INPUT_GATE)
-SCHEMA = 3
-REQUIRED = ("arch", "classes", "image_size", "normalize", "temperature", "class_bias", "verdict", "input")
+SCHEMA = 4
+REQUIRED = ("arch", "classes", "image_size", "normalize", "temperature", "class_bias", "verdict", "input",
+            "inference")
 
 
 def check(meta: dict[str, Any]) -> None:
@@ -42,6 +45,7 @@ def check(meta: dict[str, Any]) -> None:
     missing = [k for k in REQUIRED if k not in meta]
     missing += [f"verdict.{k}" for k in ("min_confidence", "covid_triage") if k not in (meta.get("verdict") or {})]
     missing += [] if "min_side" in (meta.get("input") or {}) else ["input.min_side"]
+    missing += [f"inference.{k}" for k in ("precision", "bf16_from") if k not in (meta.get("inference") or {})]
     if missing:
         raise ValueError(f"model.json (schema {SCHEMA}) lacks {', '.join(missing)}")
 
@@ -69,6 +73,14 @@ def migrate(meta: dict[str, Any]) -> dict[str, Any]:
         m = _from_1(m)
     if m["schema"] == 2:
         m = _from_2(m)
+    if m["schema"] == 3:
+        m = _from_3(m)
+    return m
+
+
+def _from_3(m: dict[str, Any]) -> dict[str, Any]:
+    m["inference"] = {"precision": "float32", "bf16_from": None}   # fitted and evaluated in float32
+    m["schema"] = 4
     return m
 
 

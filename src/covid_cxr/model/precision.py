@@ -1,13 +1,20 @@
-"""The precision the model answers in: float32, or bfloat16 where the CPU computes it natively.
+"""The precision a model answers in: chosen at training time, recorded in model.json, served as fitted.
 
-params.yaml `serve.precision` (auto | float32 | bfloat16) is resolved here for the machine the model
-runs on: `auto` is bfloat16 where the CPU has native bf16 dot products (AVX512-BF16 / AMX; without
-them CPU autocast is slower than float32), else float32. Under bfloat16 the body runs in CPU
-autocast; its early-layer statistics (the style taps, which the clean head and the novelty score
-read) and everything after the body (heads, calibration, novelty, the input gate) stay float32.
-bench/bench_bf16_parity.py measures that the answers agree with float32's.
+params.yaml `train.inference: {precision, bf16_from}` sets it when the model is trained:
+`bfloat16` runs the body from module `bf16_from` on in bfloat16 (nets.InferenceBody), `auto` is
+bfloat16 where the training CPU computes it natively (AVX512-BF16 / AMX) and float32 elsewhere.
+The temperature, both heads, the novelty model and every refer threshold are then fitted on that
+body's output, and model.json records it as `inference: {precision, bf16_from}`: the gate judged
+exactly the answers the model gives.
+
+Serving (params.yaml `serve.precision`): `auto` answers in the model's precision where the CPU has
+native bfloat16, and in float32 where it does not (a CPU without it computes bfloat16 slowly);
+`float32` forces float32. A bfloat16 model served in float32 gives answers that differ from the
+evaluated ones only for films near a threshold (bench/bench_bf16_parity.py measures how many).
 """
 from __future__ import annotations
+
+from typing import Any
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -22,19 +29,22 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve(setting: str) -> str:
-    """`auto` | `float32` | `bfloat16` -> the precision this machine runs: bfloat16 only where native."""
-    if setting not in ("auto", *PRECISIONS):
-        raise ValueError(f"precision must be auto, float32 or bfloat16, not {setting!r}")
-    if setting == "float32":
+def fit_inference(setting: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml `train.inference` -> model.json `inference` for this machine."""
+    precision, start = str(setting["precision"]), setting["bf16_from"]
+    if precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"train.inference.precision must be auto, float32 or bfloat16, not {precision!r}")
+    if precision == "auto":
+        precision = "bfloat16" if cpu_has_bf16() else "float32"
+    if precision == "float32":
+        return {"precision": "float32", "bf16_from": None}
+    return {"precision": "bfloat16", "bf16_from": int(start)}
+
+
+def serve_precision(inference: dict[str, Any], setting: str) -> str:
+    """The precision to serve a model in (model.json `inference`, params.yaml `serve.precision`)."""
+    if setting not in ("auto", "float32"):
+        raise ValueError(f"serve.precision must be auto or float32, not {setting!r}")
+    if setting == "float32" or inference["precision"] == "float32":
         return "float32"
     return "bfloat16" if cpu_has_bf16() else "float32"
-
-
-# The first body module that runs under bfloat16 autocast, per architecture: 0 is the whole body.
-# (bench/bench_bf16_parity.py chose it: the agreement with float32's answers and the speed.)
-BF16_FROM = {"mobilenet_v2": 0, "efficientnet_lite0": 0}
-
-
-def bf16_start(arch: str) -> int:
-    return BF16_FROM[arch]

@@ -105,28 +105,19 @@ def image_dls(cache: np.ndarray, labels: np.ndarray, tr: np.ndarray, va: np.ndar
     return DataLoaders(tdl, vdl, device="cpu")
 
 
-def embeddings(net, images: np.ndarray, norm, bs: int = 64, desc: str = "features", channels_last=True,
-               bf16: bool = False):
-    """Forward the body once: -> ((N, 2*nf) pooled features, (N, S) style vectors), float32.
-
-    `bf16` runs the forward under CPU bfloat16 autocast (x2.1-2.5 on AVX512-BF16, experiments/bf16)
-    and returns float32: for the training films' reference bank only, never for the films whose
-    scores set a threshold (those go through the float32 path the service uses).
-    """
-    import contextlib
-
+def embeddings(body, images: np.ndarray, norm, bs: int = 64, desc: str = "features", channels_last=True):
+    """`body` (nets.InferenceBody, or a net's `embed`) over images -> ((N, 2*nf) pooled features,
+    (N, S) style vectors), float32."""
     import torch
 
     from covid_cxr.data.preprocess import normalize_batch
     from covid_cxr.progress import tqdm
 
-    net.eval()
     feats, style = [], []
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.inference_mode(), amp:
+    with torch.inference_mode():
         for i in tqdm(range(0, len(images), bs), desc=desc, unit="batch"):
             x = normalize_batch(np.asarray(images[i:i + bs]), norm, channels_last)
-            f, s = net.embed(x)
+            f, s = body(x)
             feats.append(f.float())
             style.append(s.float())
     return torch.cat(feats), torch.cat(style)
@@ -156,6 +147,7 @@ class Run:
     va: np.ndarray               # valid rows
     norm: Any
     timings: dict[str, float]
+    inference: dict[str, Any]    # model.json `inference`: the precision answers are fitted in (model/precision.py)
 
     @property
     def channels_last(self) -> bool:
@@ -177,6 +169,7 @@ def start_run(paths: Paths, params: dict[str, Any]) -> Run:
     import torch
 
     from covid_cxr.model.nets import arch_norm
+    from covid_cxr.model.precision import fit_inference
 
     cfg = train_config(params)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -192,7 +185,7 @@ def start_run(paths: Paths, params: dict[str, Any]) -> Run:
     va = np.flatnonzero(df["split"].to_numpy() == "valid")
     if len(tr) == 0 or len(va) == 0:
         raise RuntimeError("the manifest has no train or no valid rows: run `covid-cxr prepare`")
-    return Run(paths, cfg, df, labels, tr, va, arch_norm(cfg["arch"]), {})
+    return Run(paths, cfg, df, labels, tr, va, arch_norm(cfg["arch"]), {}, fit_inference(cfg["inference"]))
 
 
 def build_net(run: Run):
@@ -219,8 +212,9 @@ def fit_frozen_head(run: Run, net, cache: np.ndarray) -> None:
     from covid_cxr.progress import quiet_fastai_if_not_tty
 
     cl = run.channels_last
-    f_tr, _ = embeddings(net, cache[run.tr], run.norm, desc="body features (train)", channels_last=cl)
-    f_va, _ = embeddings(net, cache[run.va], run.norm, desc="body features (valid)", channels_last=cl)
+    net.eval()
+    f_tr, _ = embeddings(net.embed, cache[run.tr], run.norm, desc="body features (train)", channels_last=cl)
+    f_va, _ = embeddings(net.embed, cache[run.va], run.norm, desc="body features (valid)", channels_last=cl)
     y_tr, y_va = torch.as_tensor(run.labels[run.tr]), torch.as_tensor(run.labels[run.va])
     fdls = DataLoaders(
         DataLoader(list(zip(f_tr, y_tr)), bs=64, shuffle=True, drop_last=len(f_tr) > 64),
@@ -306,20 +300,21 @@ def fine_tune(run: Run, net, cache: np.ndarray) -> list[dict[str, float]]:
 
 
 def final_features(run: Run, net, cache: np.ndarray):
-    """The trained body over train and valid at the final size -> (train, valid) referpolicy.Features.
-    The train films are the novelty bank (bf16 where the profile allows it); valid, which sets every
-    threshold, stays float32, the numerics of serving."""
+    """The trained body over train and valid at the final size, through the body answers go
+    through (nets.InferenceBody, in the precision model.json records) -> (train, valid)
+    referpolicy.Features: every threshold is fitted on the numbers the model will answer with."""
     import torch
 
-    from covid_cxr.model.precision import cpu_has_bf16
+    from covid_cxr.model.nets import InferenceBody
     from covid_cxr.model.referpolicy import Features
 
     net.eval()
     cl = run.channels_last
-    bank16 = bool(run.cfg["bank_bf16"]) and cpu_has_bf16()
-    f_tr, s_tr = embeddings(net, cache[run.tr], run.norm, desc="final features (train)", channels_last=cl,
-                            bf16=bank16)
-    f_va, s_va = embeddings(net, cache[run.va], run.norm, desc="final features (valid)", channels_last=cl)
+    body = InferenceBody(net, run.inference["bf16_from"], cl)
+    typer.echo(f"  answers in {run.inference['precision']}"
+               + (f" from body module {run.inference['bf16_from']}" if run.inference["bf16_from"] is not None else ""))
+    f_tr, s_tr = embeddings(body, cache[run.tr], run.norm, desc="final features (train)", channels_last=cl)
+    f_va, s_va = embeddings(body, cache[run.va], run.norm, desc="final features (valid)", channels_last=cl)
     with torch.inference_mode():
         logits_va = net.head(f_va)
     return (Features(f_tr, s_tr, run.labels[run.tr]),
@@ -353,6 +348,7 @@ def model_meta(run: Run, size: int, policy, history: list[dict[str, float]], min
         "classes": list(CLASSES),
         "image_size": size,
         "input": {"min_side": min_side},
+        "inference": run.inference,
         "normalize": {"mean": list(run.norm.mean), "std": list(run.norm.std)},
         **policy.meta(),
         "data_md5": data_md5(run.paths.root),
@@ -367,6 +363,11 @@ def model_meta(run: Run, size: int, policy, history: list[dict[str, float]], min
 def import_training_stack() -> None:
     """Import fastai and the training helpers before the seeds are set: importing them consumes
     random numbers, so importing them later would give other weights from the same seed."""
+    import warnings
+
+    # fastai 2.8.12's layers.py calls torch.jit.script at import, which torch 2.14 deprecates:
+    # a library's warning about its own code, printed at the top of every training log
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     import fastai.callback.core  # noqa: F401
     import fastai.callback.mixup  # noqa: F401
     import fastai.callback.progress  # noqa: F401

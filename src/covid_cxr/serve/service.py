@@ -104,12 +104,12 @@ class CovidCxr:
 
     # ---------- lifecycle ----------
     def _load(self) -> None:
-        from covid_cxr.model.checkpoint import load_model
-
-        from covid_cxr.model.precision import resolve
+        from covid_cxr.model.checkpoint import load_meta, load_model
+        from covid_cxr.model.precision import serve_precision
 
         t0 = time.perf_counter()
-        model = load_model(self.model_dir, precision=resolve(self.settings.precision))
+        precision = serve_precision(load_meta(self.model_dir)["inference"], self.settings.precision)
+        model = load_model(self.model_dir, precision=precision)
         model.predict(np.zeros((1, model.size, model.size), np.uint8))  # first-call allocations
         self.model = model
         log.info("covid-cxr: model loaded in %.1fs (image_size=%d, %s, %d threads)", time.perf_counter() - t0,

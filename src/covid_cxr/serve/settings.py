@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 SERVE_KEYS = ("max_upload_mb", "max_pixels", "max_batch_files", "batch_max_size", "batch_max_latency_ms",
               "precision", "log_max_mb", "log_backups", "log_queue")
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32")   # model/precision.serve_precision
 
 
 class ServeArgs(BaseModel):
