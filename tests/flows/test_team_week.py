@@ -20,6 +20,7 @@ step's wall time is printed (pytest -s) for the notes. Marked slow.
 """
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import json
 import shutil
@@ -185,8 +186,10 @@ def test_one_team_one_week(prefect_server, tmp_path):
         assert mon["state_name"] == "Drift", (mon["state"], (tmp_path / "worker.log").read_text()[-3000:])
         alert = wait_for(lambda: Receiver.bodies, 180, "the drift alert at the webhook", interval=1)
         assert "drift" in json.dumps(alert[0]).lower()
-        retrain = {"deployments": {"name": {"any_": ["weekly-retrain"]}}}
-        runs = wait_for(lambda: api(url, "POST", "/flow_runs/filter", {**retrain}), 180,
+        soon = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)).isoformat()
+        retrain = {"deployments": {"name": {"any_": ["weekly-retrain"]}},      # not the cron's future runs
+                   "flow_runs": {"expected_start_time": {"before_": soon}}}
+        runs = wait_for(lambda: api(url, "POST", "/flow_runs/filter", retrain), 180,
                         "the retrain run the automation creates", interval=2)
         step("4. monitor: drift -> webhook alert + retrain run", t0)
 
@@ -202,6 +205,7 @@ def test_one_team_one_week(prefect_server, tmp_path):
     now = json.loads(a.production.read_text())
     if now["bento"] != built["bento"]:             # the champion rule kept the old model: the override
         cli(env_a, a.root, "promote", "--force", built["bento"])
+    print(f"  team week: the retrained model {'was promoted by the flow' if now['bento'] == built['bento'] else 'was kept out by the champion rule: promote --force'}")
     second = json.loads(a.production.read_text())
     assert second["bento"] == built["bento"] != first["bento"]
     assert a.git("status", "--porcelain", "registry").strip() == ""    # the promotion is a commit

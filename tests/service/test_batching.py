@@ -5,12 +5,13 @@ with its own not-an-X-ray rules applied."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 
 from covid_cxr.model.checkpoint import Predictions
 from covid_cxr.model.verdict import Policy, decide
-from covid_cxr.serve.batching import Batcher, Scored
+from covid_cxr.serve.batching import Batcher, Overloaded, Scored
 
 
 def fake_predict(calls: list[int]):
@@ -75,3 +76,91 @@ def test_a_request_longer_than_a_batch_is_split_and_reassembled():
     assert max(calls) <= 3 and sum(calls) == 7
     np.testing.assert_allclose(s.pred.logits[:, 0], np.arange(0, 140, 20) / 50)
     assert len(s.pred.verdict) == len(s.pred.reason) == 7 and s.batch_size <= 3
+
+
+def test_a_lone_request_is_answered_at_once_in_a_pass_of_its_own():
+    calls: list[int] = []
+
+    async def go() -> float:
+        b = Batcher(fake_predict(calls), max_batch_size=16, max_latency_ms=60_000)
+        try:
+            t = time.perf_counter()
+            for v in (10, 20, 30):                        # one after another: nobody to wait for
+                await b([image(v)], [None])
+            return time.perf_counter() - t
+        finally:
+            b.shutdown()
+
+    took = asyncio.run(go())
+    assert calls == [1, 1, 1]
+    assert took < 1.0, took                               # no waiting for company (the fake model is instant)
+
+
+def test_films_arriving_during_a_pass_share_the_next_one():
+    calls: list[int] = []
+    slow = fake_predict(calls)
+
+    def predict(grays, rules=None):
+        time.sleep(0.2)
+        return slow(grays, rules)
+
+    async def go():
+        b = Batcher(predict, max_batch_size=8, max_latency_ms=60_000)
+        try:
+            first = asyncio.create_task(b([image(1)], [None]))
+            await asyncio.sleep(0.05)                      # the first pass is running
+            rest = [b([image(v)], [None]) for v in (2, 3, 4)]
+            return await asyncio.gather(first, *rest)
+        finally:
+            b.shutdown()
+
+    out = asyncio.run(go())
+    assert calls == [1, 3] and [s.batch_size for s in out] == [1, 3, 3, 3]
+    np.testing.assert_allclose([s.pred.logits[0, 0] for s in out], np.array([1, 2, 3, 4]) / 50)
+
+
+def test_a_request_that_waits_too_long_is_refused_and_the_rest_go_on():
+    calls: list[int] = []
+    fast = fake_predict(calls)
+
+    def predict(grays, rules=None):
+        time.sleep(0.3)
+        return fast(grays, rules)
+
+    async def go():
+        b = Batcher(predict, max_batch_size=1, max_latency_ms=100)
+        try:
+            first = asyncio.create_task(b([image(1)], [None]))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(b([image(2)], [None]))   # waits 250 ms behind the first pass
+            done = await asyncio.gather(first, second, return_exceptions=True)
+            again = await b([image(3)], [None])                      # the queue is free again
+            return done, again
+        finally:
+            b.shutdown()
+
+    (first, second), again = asyncio.run(go())
+    assert isinstance(first, Scored) and isinstance(second, Overloaded) and "retry" in str(second)
+    assert isinstance(again, Scored) and calls == [1, 1]
+
+
+def test_a_failing_pass_fails_its_requests_only():
+    calls: list[int] = []
+    ok = fake_predict(calls)
+
+    def predict(grays, rules=None):
+        if (grays == 99).all():
+            raise RuntimeError("boom")
+        return ok(grays, rules)
+
+    async def go():
+        b = Batcher(predict, max_batch_size=4, max_latency_ms=60_000)
+        try:
+            bad = await asyncio.gather(b([image(99)], [None]), return_exceptions=True)
+            good = await b([image(5)], [None])
+            return bad[0], good
+        finally:
+            b.shutdown()
+
+    bad, good = asyncio.run(go())
+    assert isinstance(bad, RuntimeError) and isinstance(good, Scored) and good.pred.logits.shape == (1, 3)

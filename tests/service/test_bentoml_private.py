@@ -72,19 +72,3 @@ def test_the_files_only_parser_is_installed_and_sees_file_fields():
     assert CovidCxr.apis["predict_batch"].input_spec.multipart_fields == ["images"]
     assert CovidCxr.apis["report"].input_spec.multipart_fields == ["image"]
     assert set(CovidCxr.apis["report"].input_spec.model_fields) == {"image", "format"}
-
-
-def test_cork_dispatcher_signature():
-    """batching.Batcher builds and calls BentoML's CorkDispatcher exactly so."""
-    from bentoml._internal.marshal.dispatcher import CorkDispatcher
-
-    assert bp.CorkDispatcher is CorkDispatcher
-    params = inspect.signature(CorkDispatcher.__init__).parameters
-    for name in ("max_latency_in_ms", "max_batch_size", "fallback", "get_batch_size", "batch_dim"):
-        assert name in params, name
-    assert callable(CorkDispatcher.__call__) and callable(CorkDispatcher.shutdown)
-    # a job longer than the room left in a batch is split with AutoContainer: lists must split
-    from bentoml._internal.runner.container import AutoContainer
-
-    assert AutoContainer.batch_to_batches([1, 2, 3], [0, 1, 3], 0) == [[1], [2, 3]]
-    assert AutoContainer.batches_to_batch([[1], [2, 3]], 0) == ([1, 2, 3], [0, 1, 3])

@@ -1,21 +1,29 @@
-"""Adaptive batching: concurrent requests' images merged into one forward pass.
+"""Batching: concurrent requests' films merged into one forward pass, without waiting for company.
 
-Each request hands over its decoded, model-size images with the not-an-X-ray rule each one
-failed (or None); BentoML's adaptive batching dispatcher queues them and calls the model on
-whatever has gathered, at most `max_batch_size` images at a time, within `max_latency_ms`.
-Each request gets back its own rows of the model's `Predictions`, in its own order.
+Whenever the model is free, every film queued so far (up to `max_batch_size`) goes into one
+forward pass, on the model's own thread; films that arrive meanwhile queue for the next pass. A
+lone request is answered at once (one forward pass, no waiting), and under load the passes fill by
+themselves: the longer a pass takes, the more films gather behind it. A request whose films
+waited longer than `max_latency_ms` before their pass started is refused (Overloaded, a 503).
+
+This replaced BentoML's adaptive dispatcher (a private class, `CorkDispatcher`), which holds a lone
+request back while it expects others and polls its queue every millisecond: on a CPU-bound model
+its single-request latency was 3.8x one forward pass (bench/bench_service.py, docs/serving.md).
+
+Each request hands over its model-size films with the not-an-X-ray rule each one failed (or
+None) and gets back its own rows of the model's `Predictions`, in its own order; a request with
+more films than a pass holds is split across passes.
 """
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-from bentoml.exceptions import ServiceUnavailable
-
-from covid_cxr.serve.bentoml_private import CorkDispatcher
 
 if TYPE_CHECKING:   # torch is the worker's, never the supervising process's (service.py imports this)
     from covid_cxr.model.checkpoint import Predictions
@@ -24,29 +32,40 @@ Predict = Callable[[np.ndarray, Sequence["str | None"]], "Predictions"]
 
 
 class Overloaded(RuntimeError):
-    """The batching queue gave up on a request (503)."""
+    """A request waited longer than the batching latency limit (503)."""
 
 
 @dataclass(frozen=True)
 class Scored:
-    """One request's images after the forward pass(es) they were part of."""
+    """One request's films after the forward pass(es) they were part of."""
 
-    pred: "Predictions"  # one row per image, in the order they were handed over
+    pred: "Predictions"  # one row per film, in the order they were handed over
     forward_ms: float    # the longest of those forward passes
     batch_size: int      # the largest of those forward batches
 
 
 @dataclass(frozen=True)
 class _Row:
-    """One image's place in one forward pass."""
+    """One film's place in one forward pass."""
 
     out: "Predictions"   # the whole forward batch
     i: int
     forward_ms: float
 
 
+@dataclass(eq=False)
+class _Job:
+    """One request: its films, the next one to schedule, the rows it got back."""
+
+    items: list[tuple[np.ndarray, "str | None"]]
+    future: asyncio.Future
+    enqueued: float
+    next: int = 0
+    rows: list[_Row] = field(default_factory=list)
+
+
 def _gather(rows: Sequence[_Row]) -> "Predictions":
-    """The rows, from one forward pass or two, as one Predictions."""
+    """The rows, from one forward pass or several, as one Predictions."""
     from covid_cxr.model.checkpoint import Predictions
 
     return Predictions(
@@ -61,47 +80,76 @@ def _gather(rows: Sequence[_Row]) -> "Predictions":
 
 
 class Batcher:
-    """`await batcher(grays, rules)` -> Scored, for model-size (S,S) uint8 images and their
-    not-an-X-ray rules; `predict(grays, rules)` is `LoadedModel.predict`.
-
-    A job is one request's list of (image, rule) pairs: the dispatcher may split a long one
-    across two forward passes, and hands back one `_Row` per image.
-    """
+    """`await batcher(grays, rules)` -> Scored, for model-size (S,S) uint8 films and their
+    not-an-X-ray rules; `predict(grays, rules)` is `LoadedModel.predict`, called on one thread."""
 
     def __init__(self, predict: Predict, max_batch_size: int, max_latency_ms: int) -> None:
-        def overloaded() -> None:
-            raise ServiceUnavailable("the model queue is full; retry shortly")
-
         self.predict = predict
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait = float(max_latency_ms) / 1000
         self.sizes: Counter[int] = Counter()
-        self._cork = CorkDispatcher(
-            max_latency_in_ms=max_latency_ms,
-            max_batch_size=max_batch_size,
-            fallback=overloaded,
-            get_batch_size=len,
-            batch_dim=(0, 0),
-        )
-        self._call = self._cork(self._run)
-
-    def _run(self, jobs: Sequence[list[tuple[np.ndarray, str | None]]]) -> list[list[_Row]]:
-        items = [it for job in jobs for it in job]
-        t0 = time.perf_counter()
-        out = self.predict(np.stack([g for g, _ in items]), [r for _, r in items])
-        ms = 1000 * (time.perf_counter() - t0)
-        self.sizes[len(items)] += 1
-        rows = [_Row(out, i, ms) for i in range(len(items))]
-        res, i = [], 0
-        for job in jobs:
-            res.append(rows[i:i + len(job)])
-            i += len(job)
-        return res
+        self._queue: deque[_Job] = deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="covid-cxr-model")
+        self._drainer: asyncio.Task | None = None
 
     async def __call__(self, grays: Sequence[np.ndarray], rules: Sequence[str | None]) -> Scored:
-        try:
-            rows = await self._call(list(zip(grays, rules)))
-        except ServiceUnavailable as e:
-            raise Overloaded(str(e)) from None
+        loop = asyncio.get_running_loop()
+        job = _Job(list(zip(grays, rules)), loop.create_future(), time.monotonic())
+        if not job.items:
+            raise ValueError("no films to score")
+        self._queue.append(job)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        rows: list[_Row] = await job.future
         return Scored(_gather(rows), max(r.forward_ms for r in rows), max(len(r.out.probs) for r in rows))
 
+    def _next_batch(self) -> list[tuple[_Job, int, int]]:
+        """Films for one pass, first come first served: (job, first, end) per job."""
+        batch, room, now = [], self.max_batch_size, time.monotonic()
+        while self._queue and room:
+            job = self._queue[0]
+            if job.future.done():                              # cancelled (the client left) or failed
+                self._queue.popleft()
+                continue
+            if job.next == 0 and now - job.enqueued > self.max_wait:
+                self._queue.popleft()
+                job.future.set_exception(Overloaded(
+                    f"the model queue is full: waited over {self.max_wait * 1000:.0f} ms; retry shortly"))
+                continue
+            take = min(room, len(job.items) - job.next)
+            batch.append((job, job.next, job.next + take))
+            job.next += take
+            room -= take
+            if job.next == len(job.items):
+                self._queue.popleft()
+        return batch
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch = self._next_batch()
+            if not batch:
+                continue
+            items = [it for job, a, b in batch for it in job.items[a:b]]
+            t0 = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._pool, self.predict, np.stack([g for g, _ in items]),
+                                                 [r for _, r in items])
+            except Exception as e:  # noqa: BLE001  (each request of the pass gets the error, the rest go on)
+                for job, _, _ in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            ms = 1000 * (time.perf_counter() - t0)
+            self.sizes[len(items)] += 1
+            i = 0
+            for job, a, b in batch:
+                job.rows.extend(_Row(out, i + k, ms) for k in range(b - a))
+                i += b - a
+                if len(job.rows) == len(job.items) and not job.future.done():
+                    job.future.set_result(job.rows)
+
     def shutdown(self) -> None:
-        self._cork.shutdown()
+        if self._drainer is not None:
+            self._drainer.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -37,9 +37,3 @@ def serde_for(media_type: str) -> type:
 def register_serde(media_type: str, cls: type) -> None:
     """Parse request bodies of `media_type` with `cls` (a MultipartSerde subclass) from now on."""
     _serde.ALL_SERDE[media_type] = cls  # type: ignore[index]
-
-
-# BentoML's adaptive batching dispatcher, the one behind `@bentoml.api(batchable=True)`:
-# `CorkDispatcher(max_latency_in_ms, max_batch_size, *, fallback, get_batch_size, batch_dim)`
-# decorates `async fn(jobs) -> results` (one result per job) into `async call(job) -> result`.
-from bentoml._internal.marshal.dispatcher import CorkDispatcher  # noqa: E402,F401

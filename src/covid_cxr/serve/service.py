@@ -19,13 +19,13 @@ Endpoints
 Bad input never yields a 500: every rejection is 4xx with JSON {"error": code, "detail": text}
 (guard.py: token, size and media type before parsing; multipart.py: the body; uploads.py: the image).
 
-Every answer carries `verdict`: `ok`, or `refer` with a `reason` (verdict.py): `not_an_xray`
-(the colour / blank rules of `data check`), `outside_training_data` (novelty over threshold)
-or `low_confidence`. `label` is always the most probable class; with `refer` it is not the answer.
+Every answer carries `verdict`: `ok`, or `refer` with a `reason` (model/verdict.py):
+`not_a_chest_film` (the input gate), `not_an_xray`, `outside_training_data`, `low_confidence` or
+`covid_not_excluded`. `label` is always the most probable class; with `refer` it is not the answer.
 
-Adaptive batching (batching.py): /predict, /predict_batch and /explain decode and validate each
-upload first (so one bad file cannot fail anybody else's batch), then queue the model-size
-images; concurrent requests are merged into one forward pass.
+Batching (batching.py): /predict, /predict_batch and /explain decode and validate each upload
+first (so one bad file cannot fail anybody else's batch), then queue the model-size films;
+whenever the model is free, everything queued goes into one forward pass.
 """
 from __future__ import annotations
 
@@ -125,10 +125,8 @@ class CovidCxr:
             await anyio.to_thread.run_sync(self._load)
             s = self.settings
             self.batcher = Batcher(self.model.predict, s.batch_max_size, s.batch_max_latency_ms)
-            # The dispatcher learns its latency model from its first calls: make them here.
-            z = np.zeros((self.model.size, self.model.size), np.uint8)
-            for _ in range(4):
-                await asyncio.gather(*(self.batcher([z], [None]) for _ in range(4)))
+            # one pass through the batcher before /readyz says yes
+            await self.batcher([np.zeros((self.model.size, self.model.size), np.uint8)], [None])
             self.batcher.sizes.clear()
             self.ready = True
         except Exception as e:  # keep serving /healthz and say why in /readyz and every API
