@@ -6,8 +6,8 @@ served in it where the CPU has native bfloat16; a CPU without it serves float32.
 directory (default artifacts/model), every film of the test split, of external/ and of the negative
 set (stage `negatives`) is answered by
   * float32, BatchNorm unfolded (CxrNet.embed: the reference),
-  * float32 through nets.InferenceBody (BatchNorm folded: what a CPU without bf16 serves),
-  * bfloat16 through nets.InferenceBody from module N (the model's own, or each `--bf16-from`),
+  * float32 through nets.inference_body (BatchNorm folded, frozen: what a CPU without bf16 serves),
+  * bfloat16 through nets.inference_body from module N (the model's own, or each `--bf16-from`),
 and per set: label agreement with the reference, verdict agreement (the same verdict and reason),
 the largest gap between two probabilities of a class, the ECE of each (labelled films) and the
 refer rates. Then the bare body's throughput (batch 16, channels_last, all cores): float32,
@@ -116,7 +116,7 @@ def main() -> None:
     import torch
 
     from covid_cxr.model.checkpoint import load_model
-    from covid_cxr.model.nets import InferenceBody
+    from covid_cxr.model.nets import inference_body
     from covid_cxr.model.precision import cpu_has_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -140,7 +140,7 @@ def main() -> None:
                                                      for n in starts]
     met = True
     for name, start in rows:
-        model.body = InferenceBody(model.net, start, model.channels_last)
+        model.body = inference_body(model.net, start, model.size, model.channels_last)
         print(f"\n## {name}, against float32 unfolded")
         print("| set | films | label agreement | verdict agreement | largest probability gap | ECE f32 / this "
               "| referred f32 / this |")

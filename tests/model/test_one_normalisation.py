@@ -72,3 +72,24 @@ def test_the_training_precision_is_recorded_and_served_where_native(monkeypatch)
         precision.serve_precision(fitted, "bfloat16")
     with pytest.raises(ValueError, match="train.inference.precision"):
         precision.fit_inference({"precision": "fp16", "bf16_from": 2})
+
+
+def test_the_torchvision_free_mobilenet_is_torchvisions():
+    import torch
+    from torchvision.models import mobilenet_v2
+
+    from covid_cxr.model.nets import mobilenet_v2_features
+
+    torch.manual_seed(0)
+    tv = mobilenet_v2(weights=None).features.eval()
+    for m in tv.modules():                                   # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    ours = mobilenet_v2_features().eval()
+    theirs = {k: v.shape for k, v in tv.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), tv(x))

@@ -30,6 +30,9 @@ def fake_predict(calls: list[int]):
     return predict
 
 
+ONE = {"passes": 1, "threads": 1, "set_threads": lambda n: None}   # one pass at a time
+
+
 def image(v: int) -> np.ndarray:
     return np.full((8, 8), v, np.uint8)
 
@@ -38,7 +41,7 @@ def test_requests_share_forward_passes_and_get_their_own_rows_back():
     calls: list[int] = []
 
     async def go() -> list[Scored]:
-        b = Batcher(fake_predict(calls), max_batch_size=4, max_latency_ms=200)
+        b = Batcher(fake_predict(calls), max_batch_size=4, max_latency_ms=200, **ONE)
         jobs = [[10], [20, 30, 250], [40, 50], [60]]
         rules = [[None], [None, "not_xray_blank", None], [None, None], ["not_xray_colour"]]
         try:
@@ -66,7 +69,7 @@ def test_a_request_longer_than_a_batch_is_split_and_reassembled():
     calls: list[int] = []
 
     async def go() -> Scored:
-        b = Batcher(fake_predict(calls), max_batch_size=3, max_latency_ms=50)
+        b = Batcher(fake_predict(calls), max_batch_size=3, max_latency_ms=50, **ONE)
         try:
             return await b([image(v) for v in range(0, 140, 20)], [None] * 7)
         finally:
@@ -82,7 +85,7 @@ def test_a_lone_request_is_answered_at_once_in_a_pass_of_its_own():
     calls: list[int] = []
 
     async def go() -> float:
-        b = Batcher(fake_predict(calls), max_batch_size=16, max_latency_ms=60_000)
+        b = Batcher(fake_predict(calls), max_batch_size=16, max_latency_ms=60_000, **ONE)
         try:
             t = time.perf_counter()
             for v in (10, 20, 30):                        # one after another: nobody to wait for
@@ -105,7 +108,7 @@ def test_films_arriving_during_a_pass_share_the_next_one():
         return slow(grays, rules)
 
     async def go():
-        b = Batcher(predict, max_batch_size=8, max_latency_ms=60_000)
+        b = Batcher(predict, max_batch_size=8, max_latency_ms=60_000, **ONE)
         try:
             first = asyncio.create_task(b([image(1)], [None]))
             await asyncio.sleep(0.05)                      # the first pass is running
@@ -128,7 +131,7 @@ def test_a_request_that_waits_too_long_is_refused_and_the_rest_go_on():
         return fast(grays, rules)
 
     async def go():
-        b = Batcher(predict, max_batch_size=1, max_latency_ms=100)
+        b = Batcher(predict, max_batch_size=1, max_latency_ms=100, **ONE)
         try:
             first = asyncio.create_task(b([image(1)], [None]))
             await asyncio.sleep(0.05)
@@ -154,7 +157,7 @@ def test_a_failing_pass_fails_its_requests_only():
         return ok(grays, rules)
 
     async def go():
-        b = Batcher(predict, max_batch_size=4, max_latency_ms=60_000)
+        b = Batcher(predict, max_batch_size=4, max_latency_ms=60_000, **ONE)
         try:
             bad = await asyncio.gather(b([image(99)], [None]), return_exceptions=True)
             good = await b([image(5)], [None])
@@ -164,3 +167,41 @@ def test_a_failing_pass_fails_its_requests_only():
 
     bad, good = asyncio.run(go())
     assert isinstance(bad, RuntimeError) and isinstance(good, Scored) and good.pred.logits.shape == (1, 3)
+
+
+def test_two_passes_run_at_once_and_split_the_threads():
+    import threading
+
+    calls: list[int] = []
+    fast = fake_predict(calls)
+    seen: list[tuple[int, int]] = []                       # (threads of this pass, passes running)
+    running, lock = [0], threading.Lock()
+    local = threading.local()
+
+    def predict(grays, rules=None):
+        with lock:
+            running[0] += 1
+            seen.append((local.threads, running[0]))
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return fast(grays, rules)
+
+    def set_threads(n):
+        local.threads = n
+
+    async def go():
+        b = Batcher(predict, max_batch_size=1, max_latency_ms=60_000, passes=2, threads=2, set_threads=set_threads)
+        try:
+            lone = await b([image(1)], [None])                       # alone: both threads
+            t = time.perf_counter()
+            both = await asyncio.gather(b([image(2)], [None]), b([image(3)], [None]))
+            return lone, both, time.perf_counter() - t
+        finally:
+            b.shutdown()
+
+    lone, both, took = asyncio.run(go())
+    assert seen[0] == (2, 1)
+    assert sorted(seen[1:]) == [(1, 1), (1, 2)] or sorted(seen[1:]) == [(1, 2), (1, 2)]
+    assert took < 0.35, took                                  # side by side, not one after the other
+    np.testing.assert_allclose([s.pred.logits[0, 0] for s in both], [2 / 50, 3 / 50])

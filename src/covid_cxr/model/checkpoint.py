@@ -21,7 +21,7 @@ from covid_cxr.model.cleanhead import CleanHead, mix
 from covid_cxr.data.preprocess import Norm, normalize_batch
 from covid_cxr.model.inputgate import InputGate
 from covid_cxr.model.modelmeta import CLEAN_HEAD, FILES, INPUT_GATE, META, OOD, SCHEMA, WEIGHTS, check, migrate  # noqa: F401
-from covid_cxr.model.nets import CxrNet, InferenceBody, build
+from covid_cxr.model.nets import CxrNet, build, inference_body as _frozen_body
 from covid_cxr.model.novelty import Novelty, OodModel
 from covid_cxr.model.verdict import Policy, decide
 
@@ -53,7 +53,7 @@ class LoadedModel:
     clean: CleanHead | None = None   # the second head (model/cleanhead.py), None for one-head models
     gate: InputGate | None = None    # is it a chest film at all (model/inputgate.py), None for older models
     precision: str = "float32"       # what it answers in: float32 | bfloat16 (model/precision.py)
-    body: InferenceBody | None = None   # the body answers go through (load_model builds it)
+    body: Any = None                 # the body answers go through (nets.inference_body; load_model builds it)
 
     @property
     def min_side(self) -> int:
@@ -166,10 +166,11 @@ def load_meta(model_dir: Path) -> dict[str, Any]:
     return migrate(json.loads((Path(model_dir) / META).read_text()))
 
 
-def inference_body(net: CxrNet, precision: str, meta: dict[str, Any], channels_last: bool = True) -> InferenceBody:
+def inference_body(net: CxrNet, precision: str, meta: dict[str, Any], channels_last: bool = True):
     """The body a model answers through in `precision` (its model.json `inference` says from which
-    module bfloat16 starts)."""
-    return InferenceBody(net, meta["inference"]["bf16_from"] if precision == "bfloat16" else None, channels_last)
+    module bfloat16 starts): nets.inference_body, as training fitted the model on."""
+    start = meta["inference"]["bf16_from"] if precision == "bfloat16" else None
+    return _frozen_body(net, start, int(meta["image_size"]), channels_last)
 
 
 def load_model(model_dir: Path, channels_last: bool = True, precision: str | None = None) -> LoadedModel:

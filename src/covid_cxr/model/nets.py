@@ -41,14 +41,51 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _mobilenet_v2(pretrained: bool) -> tuple[nn.Module, int, list[nn.Module]]:
-    from torchvision.models import mobilenet_v2
+def _cbr(inp: int, out: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(out), nn.ReLU6(inplace=True))
 
-    m = mobilenet_v2(weights=None)
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = inp * expand
+        self.use_res_connect = stride == 1 and inp == out
+        layers = [_cbr(inp, hidden, 1)] if expand != 1 else []
+        layers += [_cbr(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, out, 1, bias=False),
+                   nn.BatchNorm2d(out)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+def mobilenet_v2_features() -> nn.Sequential:
+    """torchvision's MobileNetV2 `features` (19 modules, the same parameter names and shapes),
+    without importing torchvision: the service loads a trained model into it, and torchvision's
+    import alone holds 160 MB of a worker's memory. Training builds torchvision's own (its
+    initialisation draws the random numbers the seeded recipe depends on);
+    tests/model/test_one_normalisation.py checks that both compute the same."""
+    layers: list[nn.Module] = [_cbr(3, 32, 3, 2)]
+    inp = 32
+    for expand, out, n, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                                   (6, 160, 3, 2), (6, 320, 1, 1)):
+        for i in range(n):
+            layers.append(_InvertedResidual(inp, out, stride if i == 0 else 1, expand))
+            inp = out
+    layers.append(_cbr(inp, 1280, 1))
+    return nn.Sequential(*layers)
+
+
+def _mobilenet_v2(pretrained: bool) -> tuple[nn.Module, int, list[nn.Module]]:
     if pretrained:
+        from torchvision.models import mobilenet_v2
+
+        m = mobilenet_v2(weights=None)
         m.load_state_dict(_load_state(weights_path("mobilenet_v2")))
-    f = m.features  # 19 modules; 1280 channels out
-    body = nn.Sequential(*f)
+        body = nn.Sequential(*m.features)  # 19 modules; 1280 channels out
+    else:                                  # weights to come from a trained model
+        body = mobilenet_v2_features()
     groups = [body[0:7], body[7:14], body[14:17], body[17:19]]
     return body, 1280, groups
 
@@ -186,6 +223,29 @@ class InferenceBody(nn.Module):
                 f = x.float().flatten(2)
                 style += [f.mean(2), f.std(2).clamp_min(1e-6).log()]
         return self.pool(x.float()), torch.cat(style, dim=1)
+
+
+def inference_body(net: CxrNet, bf16_from: int | None, size: int, channels_last: bool = True):
+    """InferenceBody(net, bf16_from), frozen into one TorchScript graph (torch.jit.trace + freeze):
+    the same kernels on the same weights, so the same numbers to the bit, but run without the
+    Python interpreter between operations, which frees the GIL for the service's other threads
+    (bench/bench_service.py: 121 against 93 req/s at 8 clients on 2 cores). torch 2.14 deprecates
+    TorchScript in favour of torch.compile/torch.export, which need a C++ toolchain and minutes of
+    compilation per shape here: when tracing fails, the module itself is returned (same answers,
+    slower). Training fits every threshold on this same body (train.final_features)."""
+    import warnings
+
+    body = InferenceBody(net, bf16_from, channels_last)
+    x = torch.zeros(2, 3, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")        # TorchScript's own deprecation notice
+            frozen = torch.jit.freeze(torch.jit.trace(body, x, check_trace=False).eval())
+    except Exception:  # noqa: BLE001  (an untraceable body answers the same, eagerly)
+        return body
+    return frozen
 
 
 def build(arch: str, n_classes: int = 3, pretrained: bool = True) -> CxrNet:

@@ -305,12 +305,12 @@ def final_features(run: Run, net, cache: np.ndarray):
     referpolicy.Features: every threshold is fitted on the numbers the model will answer with."""
     import torch
 
-    from covid_cxr.model.nets import InferenceBody
+    from covid_cxr.model.nets import inference_body
     from covid_cxr.model.referpolicy import Features
 
     net.eval()
     cl = run.channels_last
-    body = InferenceBody(net, run.inference["bf16_from"], cl)
+    body = inference_body(net, run.inference["bf16_from"], int(run.cfg.get("final_size") or run.cfg["size"]), cl)
     typer.echo(f"  answers in {run.inference['precision']}"
                + (f" from body module {run.inference['bf16_from']}" if run.inference["bf16_from"] is not None else ""))
     f_tr, s_tr = embeddings(body, cache[run.tr], run.norm, desc="final features (train)", channels_last=cl)

@@ -81,16 +81,31 @@ def _gather(rows: Sequence[_Row]) -> "Predictions":
 
 class Batcher:
     """`await batcher(grays, rules)` -> Scored, for model-size (S,S) uint8 films and their
-    not-an-X-ray rules; `predict(grays, rules)` is `LoadedModel.predict`, called on one thread."""
+    not-an-X-ray rules; `predict(grays, rules)` is `LoadedModel.predict`.
 
-    def __init__(self, predict: Predict, max_batch_size: int, max_latency_ms: int) -> None:
+    Up to `passes` forward passes run at once, each on a thread of its own (a slot). A pass takes
+    the lowest free slot. A pass that starts alone runs on slot 0 with all `threads` (`set_threads`,
+    torch.set_num_threads, which is per calling thread); passes that start beside another run on
+    one thread each. So a lone request gets every core, and under load two one-thread passes keep
+    the cores busy while the other's answers go out. Only slot 0 ever has an OpenMP team: with two teams on 2 cores, libgomp stops spinning between parallel
+    regions and a lone pass took 2.3x as long (docs/serving.md). Whatever else in the worker runs
+    torch (loading the model, Grad-CAM) runs on slot 0 too: `on_model_thread`.
+    """
+
+    def __init__(self, predict: Predict, max_batch_size: int, max_latency_ms: int, passes: int, threads: int,
+                 set_threads: Callable[[int], None]) -> None:
         self.predict = predict
         self.max_batch_size = int(max_batch_size)
         self.max_wait = float(max_latency_ms) / 1000
+        self.streams = int(passes)
+        self.threads, self.set_threads = int(threads), set_threads
         self.sizes: Counter[int] = Counter()
         self._queue: deque[_Job] = deque()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="covid-cxr-model")
-        self._drainer: asyncio.Task | None = None
+        # one thread per pass slot; a pass takes the lowest free slot, so a lone request always runs on
+        # slot 0: torch's OpenMP team of another thread would spin beside it (measured: 2.3x slower)
+        self._slots = [ThreadPoolExecutor(1, thread_name_prefix=f"covid-cxr-model-{i}") for i in range(self.streams)]
+        self._free = list(range(self.streams))
+        self._running: set[asyncio.Task] = set()
 
     async def __call__(self, grays: Sequence[np.ndarray], rules: Sequence[str | None]) -> Scored:
         loop = asyncio.get_running_loop()
@@ -98,8 +113,7 @@ class Batcher:
         if not job.items:
             raise ValueError("no films to score")
         self._queue.append(job)
-        if self._drainer is None or self._drainer.done():
-            self._drainer = loop.create_task(self._drain())
+        self._start_passes()
         rows: list[_Row] = await job.future
         return Scored(_gather(rows), max(r.forward_ms for r in rows), max(len(r.out.probs) for r in rows))
 
@@ -124,22 +138,34 @@ class Batcher:
                 self._queue.popleft()
         return batch
 
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue:
+    def _start_passes(self) -> None:
+        """Start a forward pass on every free stream while films are queued."""
+        while self._queue and len(self._running) < self.streams:
             batch = self._next_batch()
             if not batch:
                 continue
+            self._free.sort()
+            task = asyncio.get_running_loop().create_task(self._pass(batch, self._free.pop(0)))
+            self._running.add(task)
+
+    async def _pass(self, batch: list[tuple[_Job, int, int]], slot: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             items = [it for job, a, b in batch for it in job.items[a:b]]
+            threads = self.threads if slot == 0 and len(self._running) == 1 else 1   # alone: every core
+
+            def run():
+                self.set_threads(threads)
+                return self.predict(np.stack([g for g, _ in items]), [r for _, r in items])
+
             t0 = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._pool, self.predict, np.stack([g for g, _ in items]),
-                                                 [r for _, r in items])
+                out = await loop.run_in_executor(self._slots[slot], run)
             except Exception as e:  # noqa: BLE001  (each request of the pass gets the error, the rest go on)
                 for job, _, _ in batch:
                     if not job.future.done():
                         job.future.set_exception(e)
-                continue
+                return
             ms = 1000 * (time.perf_counter() - t0)
             self.sizes[len(items)] += 1
             i = 0
@@ -148,8 +174,21 @@ class Batcher:
                 i += b - a
                 if len(job.rows) == len(job.items) and not job.future.done():
                     job.future.set_result(job.rows)
+        finally:
+            self._running.discard(asyncio.current_task())
+            self._free.append(slot)
+            self._start_passes()
+
+    async def on_model_thread(self, fn: Callable, *args):
+        """fn(*args) on slot 0's thread, with all threads (queued behind a pass running there)."""
+        def run():
+            self.set_threads(self.threads)
+            return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._slots[0], run)
 
     def shutdown(self) -> None:
-        if self._drainer is not None:
-            self._drainer.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for task in list(self._running):
+            task.cancel()
+        for pool in self._slots:
+            pool.shutdown(wait=False, cancel_futures=True)

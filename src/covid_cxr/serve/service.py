@@ -122,9 +122,13 @@ class CovidCxr:
 
     async def _load_and_warm(self) -> None:
         try:
-            await anyio.to_thread.run_sync(self._load)
+            import torch
+
             s = self.settings
-            self.batcher = Batcher(self.model.predict, s.batch_max_size, s.batch_max_latency_ms)
+            # the model is loaded, warmed and answers on the batcher's threads (batching.py: slot 0)
+            self.batcher = Batcher(lambda grays, rules: self.model.predict(grays, rules), s.batch_max_size,
+                                   s.batch_max_latency_ms, s.model_passes, s.torch_threads, torch.set_num_threads)
+            await self.batcher.on_model_thread(self._load)
             # one pass through the batcher before /readyz says yes
             await self.batcher([np.zeros((self.model.size, self.model.size), np.uint8)], [None])
             self.batcher.sizes.clear()
@@ -185,8 +189,8 @@ class CovidCxr:
         up = await self._decode(image, full=True)
         small = await anyio.to_thread.run_sync(resize_gray, up.gray, self.model.size)
         (res,), _ = await self._classify([replace(up, gray=small)])
-        cam = await anyio.to_thread.run_sync(cam_images, self.model, self._explain_lock, up.gray, small,
-                                            CLASSES.index(res["label"]))
+        cam = await self.batcher.on_model_thread(cam_images, self.model, self._explain_lock, up.gray, small,
+                                                 CLASSES.index(res["label"]))
         return up, res, cam
 
     # ---------- API ----------

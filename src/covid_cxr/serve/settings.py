@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 SERVE_KEYS = ("max_upload_mb", "max_pixels", "max_batch_files", "batch_max_size", "batch_max_latency_ms",
-              "precision", "log_max_mb", "log_backups", "log_queue")
+              "model_passes", "precision", "log_max_mb", "log_backups", "log_queue")
 PRECISIONS = ("auto", "float32")   # model/precision.serve_precision
 
 
@@ -34,6 +34,7 @@ class ServeArgs(BaseModel):
     max_batch_files: int | None = None
     batch_max_size: int | None = None
     batch_max_latency_ms: int | None = None
+    model_passes: int | None = None
     precision: str | None = None
     log_max_mb: float | None = None
     log_backups: int | None = None
@@ -69,6 +70,7 @@ class ServeSettings:
         self.max_files = int(args.max_batch_files)
         self.batch_max_size = max(2, int(args.batch_max_size))
         self.batch_max_latency_ms = int(args.batch_max_latency_ms)
+        self.model_passes = max(1, int(args.model_passes))
         self.precision = str(args.precision)
         self.log = {"max_mb": float(args.log_max_mb), "backups": int(args.log_backups), "queue": int(args.log_queue)}
         self.token = os.environ.get("COVID_CXR_API_TOKEN") or None
