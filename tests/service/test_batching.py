@@ -205,3 +205,26 @@ def test_two_passes_run_at_once_and_split_the_threads():
     assert sorted(seen[1:]) == [(1, 1), (1, 2)] or sorted(seen[1:]) == [(1, 2), (1, 2)]
     assert took < 0.35, took                                  # side by side, not one after the other
     np.testing.assert_allclose([s.pred.logits[0, 0] for s in both], [2 / 50, 3 / 50])
+
+
+def test_a_split_request_stays_in_order_when_its_later_pass_finishes_first():
+    """Two passes at once: the second, smaller pass of a split request ends before the first."""
+    calls: list[int] = []
+    fast = fake_predict(calls)
+
+    def predict(grays, rules=None):
+        time.sleep(0.05 * len(grays))                            # a bigger pass takes longer
+        return fast(grays, rules)
+
+    async def go() -> Scored:
+        b = Batcher(predict, max_batch_size=4, max_latency_ms=60_000, passes=2, threads=2,
+                    set_threads=lambda n: None)
+        try:
+            return await b([image(v) for v in range(0, 60, 10)], [None] * 6)   # passes of 4 and 2 at once
+        finally:
+            b.shutdown()
+
+    s = asyncio.run(go())
+    assert calls == [2, 4]                                       # the pass of 2 ended first
+    np.testing.assert_allclose(s.pred.logits[:, 0], np.arange(0, 60, 10) / 50)
+    np.testing.assert_allclose(s.pred.novelty, np.arange(0, 60, 10) / 1000)

@@ -61,7 +61,7 @@ class _Job:
     future: asyncio.Future
     enqueued: float
     next: int = 0
-    rows: list[_Row] = field(default_factory=list)
+    rows: dict[int, _Row] = field(default_factory=dict)   # film position -> its row (passes may finish out of order)
 
 
 def _gather(rows: Sequence[_Row]) -> "Predictions":
@@ -114,7 +114,7 @@ class Batcher:
             raise ValueError("no films to score")
         self._queue.append(job)
         self._start_passes()
-        rows: list[_Row] = await job.future
+        rows: list[_Row] = await job.future   # in the request's own order
         return Scored(_gather(rows), max(r.forward_ms for r in rows), max(len(r.out.probs) for r in rows))
 
     def _next_batch(self) -> list[tuple[_Job, int, int]]:
@@ -170,10 +170,10 @@ class Batcher:
             self.sizes[len(items)] += 1
             i = 0
             for job, a, b in batch:
-                job.rows.extend(_Row(out, i + k, ms) for k in range(b - a))
+                job.rows.update((a + k, _Row(out, i + k, ms)) for k in range(b - a))
                 i += b - a
                 if len(job.rows) == len(job.items) and not job.future.done():
-                    job.future.set_result(job.rows)
+                    job.future.set_result([job.rows[k] for k in range(len(job.items))])
         finally:
             self._running.discard(asyncio.current_task())
             self._free.append(slot)

@@ -88,6 +88,7 @@ def describe(model_dir: Path, model_tag: str, bento: str | None, store_info: Map
         "torch_threads": settings.torch_threads,
         "batching": {"max_batch_size": settings.batch_max_size,
                      "max_latency_ms": settings.batch_max_latency_ms,
+                     "passes": settings.model_passes,
                      "batch_sizes_seen": dict(batch_sizes)},
         "auth": bool(settings.token),
     }
