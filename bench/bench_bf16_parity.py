@@ -26,13 +26,14 @@ import argparse
 import csv
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from bench_service import body_ips  # noqa: E402  (one timing of the bare body for both benches)
 
 TARGET = 0.999
 
@@ -88,30 +89,6 @@ def ece(probs: np.ndarray, y: np.ndarray) -> float | None:
     return None if not keep.any() else float(_ece(probs[keep], y[keep], 15))
 
 
-def body_ips(net, size: int, variant: str, reps: int = 12) -> float:
-    import copy
-
-    import torch
-
-    x = torch.randn(16, 3, size, size).contiguous(memory_format=torch.channels_last)
-    body, ctx = net.body, torch.autocast("cpu", enabled=False)
-    if variant == "bfloat16 autocast":
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-    elif variant.endswith("folded"):
-        from torch.fx.experimental.optimization import fuse
-
-        body = fuse(copy.deepcopy(net.body).eval()).to(memory_format=torch.channels_last)
-        if variant.startswith("bfloat16"):
-            body, x = body.to(torch.bfloat16), x.to(torch.bfloat16)
-    with torch.inference_mode(), ctx:
-        for _ in range(3):
-            body(x)
-        t = time.perf_counter()
-        for _ in range(reps):
-            body(x)
-    return reps * 16 / (time.perf_counter() - t)
-
-
 def main() -> None:
     import torch
 
@@ -159,7 +136,7 @@ def main() -> None:
             print(f"| {k} | {len(imgs)} | {100 * lab:.2f} % | {100 * ver:.2f} % | {gap:.4f} | {e} "
                   f"| {100 * ref_r:.1f} % / {100 * bf_r:.1f} % |")
     variants = ["float32", "float32 folded"] + (["bfloat16 autocast", "bfloat16 folded"] if cpu_has_bf16() else [])
-    ips = {v: body_ips(model.net, model.size, v) for v in variants}
+    ips = {v: body_ips(model.net, model.size, v, reps=12) for v in variants}
     print(f"\nbare body at {model.size} px, batch 16, {threads} threads: "
           + ", ".join(f"{v} {x:.1f} img/s" for v, x in ips.items()))
     if "bfloat16 autocast" in ips:

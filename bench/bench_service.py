@@ -168,21 +168,23 @@ async def load(url: str, bodies: list[bytes], conc: int, *, n: int | None = None
 
 def body_ips(net, size: int, variant: str, reps: int = 10) -> float:
     """The bare body (no style statistics, no head), batch 16, channels_last, all cores:
-    `float32`, `bfloat16` (CPU autocast, as training runs it) or `bfloat16 folded` (BatchNorm folded
-    into the convolutions, bfloat16 weights: the fastest form of the same body measured here)."""
+    `float32`, `float32 folded` (BatchNorm folded into the convolutions), `bfloat16 autocast` (as
+    training runs it) or `bfloat16 folded` (folded, bfloat16 weights: the fastest form measured here).
+    bench_bf16_parity.py uses it too."""
     import copy
 
     import torch
 
     x = torch.randn(16, 3, size, size).contiguous(memory_format=torch.channels_last)
     body, ctx = net.body, torch.autocast("cpu", enabled=False)
-    if variant == "bfloat16":
+    if variant == "bfloat16 autocast":
         ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-    elif variant == "bfloat16 folded":
+    elif variant.endswith("folded"):
         from torch.fx.experimental.optimization import fuse
 
-        body = fuse(copy.deepcopy(net.body).eval()).to(torch.bfloat16).to(memory_format=torch.channels_last)
-        x = x.to(torch.bfloat16)
+        body = fuse(copy.deepcopy(net.body).eval()).to(memory_format=torch.channels_last)
+        if variant.startswith("bfloat16"):
+            body, x = body.to(torch.bfloat16), x.to(torch.bfloat16)
     with torch.inference_mode(), ctx:
         for _ in range(2):
             body(x)
@@ -239,7 +241,7 @@ async def main() -> None:
             fwd.append(time.perf_counter() - t)
         res["p50_ms"], res["forward_ms"] = 1000 * statistics.median(lat), 1000 * statistics.median(fwd)
 
-        variants = ["float32", "bfloat16", "bfloat16 folded"] if cpu_has_bf16() else ["float32"]
+        variants = ["float32", "bfloat16 autocast", "bfloat16 folded"] if cpu_has_bf16() else ["float32"]
         res["api"], ips = {}, {v: [] for v in variants}
         for conc in (1, 4, 8):
             rps = []
@@ -274,8 +276,8 @@ async def main() -> None:
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
     print(f"\nbare body, batch 16, {threads} threads: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in res["body_ips"].items())
-          + (f" (bf16 / f32 = {res['body_ips']['bfloat16'] / res['body_ips']['float32']:.2f})"
-             if "bfloat16" in res["body_ips"] else ""))
+          + (f" (bf16 autocast / f32 = {res['body_ips']['bfloat16 autocast'] / res['body_ips']['float32']:.2f})"
+             if "bfloat16 autocast" in res["body_ips"] else ""))
     print("API req/s: " + ", ".join(f"{c} clients {v:.1f}" for c, v in res["api"].items()))
     print(f"RSS over the soak (MB, every 30 s): {' '.join(f'{m:.0f}' for m in rss)}")
     print()

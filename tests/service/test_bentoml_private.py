@@ -57,7 +57,7 @@ def test_the_files_only_parser_is_installed_and_sees_file_fields():
 
     from covid_cxr.config import load_params, project_root
     from covid_cxr.serve import multipart
-    from covid_cxr.serve.settings import serve_params
+    from covid_cxr.release.bentoargs import serve_params
 
     # the arguments `bentoml serve --arg` would give it (the service refuses to start without them)
     BentoMLContainer.bento_arguments.set({k: str(v) for k, v in

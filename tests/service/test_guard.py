@@ -14,7 +14,8 @@ import pytest
 
 from covid_cxr.config import load_params
 from covid_cxr.serve import guard
-from covid_cxr.serve.settings import ServeArgs, ServeSettings, bento_args, serve_params
+from covid_cxr.release.bentoargs import bento_args, serve_params
+from covid_cxr.serve.settings import ServeArgs, ServeSettings
 from covid_cxr.serve.uploads import decode_upload
 
 REPO = Path(__file__).resolve().parents[2]

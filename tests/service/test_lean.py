@@ -37,7 +37,7 @@ import json, sys, threading
 import numpy as np
 from bentoml._internal.configuration.containers import BentoMLContainer
 from covid_cxr.config import load_params, project_root
-from covid_cxr.serve.settings import serve_params
+from covid_cxr.release.bentoargs import serve_params
 BentoMLContainer.bento_arguments.set({{k: str(v) for k, v in
                                        serve_params(load_params(project_root() / "params.yaml")).items()}})
 import covid_cxr.serve.service

@@ -199,12 +199,12 @@ def bento_version(paths: Paths, model_tag: str, args: list[str]) -> str:
 
 def build_bento(paths: Paths, model_tag: str, labels: dict[str, str]) -> str:
     """`bentoml build` (subprocess, offline) of the service pinned to `model_tag`, with params.yaml
-    `serve:` (the Bento's arguments: settings.py), at a content-derived version. Returns the tag; a
+    `serve:` (the Bento's arguments: bentoargs.py), at a content-derived version. Returns the tag; a
     Bento of that tag already in the store is reused."""
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from covid_cxr.serve.settings import bento_args
+    from covid_cxr.release.bentoargs import bento_args
 
     args = ["--arg", f"model={model_tag}", *bento_args(load_params(paths.root / "params.yaml"))]
     version = bento_version(paths, model_tag, args)

@@ -320,7 +320,7 @@ def register(app, data_app) -> None:  # noqa: ARG001
         from covid_cxr.serve.monitoring.predlog import NullPredictionLog, PredictionLog
 
         from covid_cxr.config import load_params
-        from covid_cxr.serve.settings import serve_params
+        from covid_cxr.release.bentoargs import serve_params
 
         torch.set_num_threads(threads or default_threads())
         settings = serve_params(load_params(Paths().root / "params.yaml"))

@@ -5,7 +5,8 @@
     covid-cxr serve --model-dir artifacts/model   # local dev: the service code + a model directory
 
 The process is replaced by `python -m bentoml serve ...`, so Ctrl-C and signals reach the
-server directly. Limits, token and batching are environment variables (see settings.py).
+server directly. The service's settings are params.yaml `serve:`, passed as its arguments; the
+token, the log's place and the threads are environment variables (settings.py).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def serve_command(host: str, port: int, model_dir: Path | None = None, paths: Pa
     opts = ["--host", host, "--port", str(port)]
     if model_dir is not None:
         from covid_cxr.config import load_params
-        from covid_cxr.serve.settings import bento_args
+        from covid_cxr.release.bentoargs import bento_args
 
         check_model_dir(model_dir)
         return base + ["covid_cxr.serve.service:CovidCxr", "--arg", f"model_dir={model_dir.resolve()}",

@@ -1,7 +1,8 @@
 """The service's settings: one source each.
 
 - What the service is (limits, batching, precision, the prediction log's rotation): params.yaml
-  `serve:`. `covid-cxr package` builds them into the Bento as its arguments (`bentoml build --arg`),
+  `serve:`. `covid-cxr package` builds them into the Bento as its arguments (`bentoml build --arg`,
+  release/bentoargs.py),
   so a Bento carries the settings it was built and tested with; `covid-cxr serve --model-dir`
   passes the project's. The service reads them with `bentoml.use_arguments` (ServeArgs).
 - What an operator sets per machine: environment variables, three of them:
@@ -15,14 +16,9 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-
 from pydantic import BaseModel
 
-SERVE_KEYS = ("max_upload_mb", "max_pixels", "max_batch_files", "batch_max_size", "batch_max_latency_ms",
-              "model_passes", "precision", "log_max_mb", "log_backups", "log_queue")
-PRECISIONS = ("auto", "float32")   # model/precision.serve_precision
-
+from covid_cxr.release.bentoargs import SERVE_KEYS
 
 class ServeArgs(BaseModel):
     """The Bento's arguments: which model (modelsource.py) and params.yaml `serve:`."""
@@ -39,22 +35,6 @@ class ServeArgs(BaseModel):
     log_max_mb: float | None = None
     log_backups: int | None = None
     log_queue: int | None = None
-
-
-def serve_params(params: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml `serve:`, checked: every key, nothing else."""
-    s = dict(params["serve"])
-    missing, extra = [k for k in SERVE_KEYS if k not in s], [k for k in s if k not in SERVE_KEYS]
-    if missing or extra:
-        raise KeyError(f"params.yaml serve: missing {missing or '-'}, unknown {extra or '-'}")
-    if s["precision"] not in PRECISIONS:
-        raise ValueError(f"params.yaml serve.precision must be one of {PRECISIONS}, not {s['precision']!r}")
-    return s
-
-
-def bento_args(params: dict[str, Any]) -> list[str]:
-    """`--arg key=value` for each setting of params.yaml `serve:` (bentoml build / bentoml serve)."""
-    return [a for k, v in serve_params(params).items() for a in ("--arg", f"{k}={v}")]
 
 
 class ServeSettings:
