@@ -159,3 +159,21 @@ def test_normalize_batch_scales_then_normalises():
     cl = normalize_batch(torch.as_tensor(x[:, None]), norm, channels_last=True)
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(cl, out)
+
+
+def test_a_read_only_batch_is_normalised_without_a_warning(tmp_path):
+    """The decode cache is memory-mapped read-only: no torch UserWarning in `evaluate`'s output."""
+    import warnings
+
+    from covid_cxr.data.preprocess import Norm, normalize_batch
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "g.npy", (rng.random((3, 16, 16)) * 255).astype(np.uint8))
+    ro = np.load(tmp_path / "g.npy", mmap_mode="r")
+    assert not ro.flags.writeable
+    norm = Norm(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = normalize_batch(ro, norm)
+    want = normalize_batch(np.array(ro), norm)
+    assert got.shape == (3, 3, 16, 16) and bool((got == want).all())

@@ -147,7 +147,8 @@ def normalize_batch(x, norm: Norm, channels_last: bool = True):
     import torch
 
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x))
+        a = np.asarray(x)   # a memory-mapped decode cache is read-only: copy it rather than warn
+        x = torch.from_numpy(a if a.flags.writeable else a.copy())
     if x.ndim == 3:
         x = x[:, None]
     x = normalize(x.float().div_(255.0), norm)
