@@ -229,7 +229,8 @@ def inference_body(net: CxrNet, bf16_from: int | None, size: int, channels_last:
     """InferenceBody(net, bf16_from), frozen into one TorchScript graph (torch.jit.trace + freeze):
     the same kernels on the same weights, so the same numbers to the bit, but run without the
     Python interpreter between operations, which frees the GIL for the service's other threads
-    (bench/bench_service.py: 121 against 93 req/s at 8 clients on 2 cores). torch 2.14 deprecates
+    (bench/bench_service.py when it was adopted:
+    121 against 93 req/s at 8 clients on 2 cores, passes of 16). torch 2.14 deprecates
     TorchScript in favour of torch.compile/torch.export, which need a C++ toolchain and minutes of
     compilation per shape here: when tracing fails, the module itself is returned (same answers,
     slower). Training fits every threshold on this same body (train.final_features)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 PRECISIONS = ("float32", "bfloat16")
+SERVE_PRECISIONS = ("auto", "float32")   # params.yaml serve.precision (release/bentoargs.py checks it)
 
 
 def cpu_has_bf16() -> bool:
@@ -43,8 +44,8 @@ def fit_inference(setting: dict[str, Any]) -> dict[str, Any]:
 
 def serve_precision(inference: dict[str, Any], setting: str) -> str:
     """The precision to serve a model in (model.json `inference`, params.yaml `serve.precision`)."""
-    if setting not in ("auto", "float32"):
-        raise ValueError(f"serve.precision must be auto or float32, not {setting!r}")
+    if setting not in SERVE_PRECISIONS:
+        raise ValueError(f"serve.precision must be one of {SERVE_PRECISIONS}, not {setting!r}")
     if setting == "float32" or inference["precision"] == "float32":
         return "float32"
     return "bfloat16" if cpu_has_bf16() else "float32"

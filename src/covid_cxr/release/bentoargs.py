@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from covid_cxr.model.precision import SERVE_PRECISIONS
+
 SERVE_KEYS = ("max_upload_mb", "max_pixels", "max_batch_files", "batch_max_size", "batch_max_latency_ms",
               "model_passes", "precision", "log_max_mb", "log_backups", "log_queue")
-PRECISIONS = ("auto", "float32")   # model/precision.serve_precision
 
 
 def serve_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -15,8 +16,8 @@ def serve_params(params: dict[str, Any]) -> dict[str, Any]:
     missing, extra = [k for k in SERVE_KEYS if k not in s], [k for k in s if k not in SERVE_KEYS]
     if missing or extra:
         raise KeyError(f"params.yaml serve: missing {missing or '-'}, unknown {extra or '-'}")
-    if s["precision"] not in PRECISIONS:
-        raise ValueError(f"params.yaml serve.precision must be one of {PRECISIONS}, not {s['precision']!r}")
+    if s["precision"] not in SERVE_PRECISIONS:
+        raise ValueError(f"params.yaml serve.precision must be one of {SERVE_PRECISIONS}, not {s['precision']!r}")
     return s
 
 
